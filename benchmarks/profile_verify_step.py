@@ -1,0 +1,88 @@
+"""Where the time of a LONGSPEC decode step goes, measured inside the real server.
+
+Starts one LONGSPEC server (float32, default model) with the worker's stats snapshot enabled,
+replays a few prompts (one copy-heavy, one chat) one at a time, and prints per-step costs from the
+worker's own timers: drafting (suffix index + router), the verify forward (target model over
+1 + n_i tokens per request), verification + KV compaction, and plain decode steps (steps where
+no draft was worth verifying, run through SGLang's own decode path).
+
+    .venv/bin/python -m benchmarks.profile_verify_step [--model-path M] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+from sgl_longspec.cli import start_server, stop_server, wait_healthy
+
+CODE = Path(os.__file__).read_text()[:3000]
+PROMPTS = {
+    "copy": f"<|im_start|>user\nRepeat this code exactly:\n{CODE[:1500]}<|im_end|>\n<|im_start|>assistant\n",
+    "chat": "<|im_start|>user\nWrite a short story about a lighthouse keeper.<|im_end|>\n<|im_start|>assistant\n",
+}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model-path", default=None)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--port", type=int, default=31777)
+    ap.add_argument("--out", default="benchmarks/results/verify_step")
+    args = ap.parse_args(argv)
+    stats_file = Path(tempfile.mkdtemp()) / "stats.json"
+    os.environ["SGL_LONGSPEC_STATS_FILE"] = str(stats_file)
+    log = open(Path(tempfile.mkdtemp()) / "server.log", "wb")
+    proc, path = start_server(args.model_path, "127.0.0.1", args.port,
+                              ["--speculative-algorithm", "LONGSPEC"], log_file=log)
+    base = f"http://127.0.0.1:{args.port}"
+    rows = []
+    try:
+        wait_healthy(base, proc, 900)
+        for name, prompt in PROMPTS.items():
+            before = json.loads(stats_file.read_text()) if stats_file.exists() else None
+            t0 = time.time()
+            r = requests.post(base + "/generate", timeout=900, json={
+                "text": prompt, "sampling_params": {"temperature": 0, "max_new_tokens": args.max_new_tokens}})
+            wall = time.time() - t0
+            meta = r.json()["meta_info"]
+            after = json.loads(stats_file.read_text())
+            d = {k: after[k] - (before[k] if before else 0) for k in
+                 ("drafted", "accepted", "verify_steps", "plain_steps", "draft_ms", "verify_ms",
+                  "verify_forward_ms", "verify_tokens", "plain_ms")}
+            steps = d["verify_steps"] + d["plain_steps"]
+            rows.append({
+                "workload": name, "tokens": meta["completion_tokens"], "wall_s": round(wall, 2),
+                "tau": round(meta["completion_tokens"] / max(steps, 1), 2),
+                "verify_steps": d["verify_steps"], "plain_steps": d["plain_steps"],
+                "tokens_per_verify": round(d["verify_tokens"] / max(d["verify_steps"], 1), 1),
+                "draft_ms_per_step": round(d["draft_ms"] / max(steps, 1), 2),
+                "verify_forward_ms": round(d["verify_forward_ms"] / max(d["verify_steps"], 1), 1),
+                "verify_other_ms": round((d["verify_ms"] - d["verify_forward_ms"]) / max(d["verify_steps"], 1), 1),
+                "plain_step_ms": round(d["plain_ms"] / max(d["plain_steps"], 1), 1),
+            })
+    finally:
+        stop_server(proc)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cols = list(rows[0])
+    table = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+    table += "".join("| " + " | ".join(str(r[c]) for c in cols) + " |\n" for r in rows)
+    print(table)
+    for r in rows:
+        if r["plain_steps"] and r["verify_steps"]:
+            print(f"{r['workload']}: verify forward of {r['tokens_per_verify']} tokens = "
+                  f"{r['verify_forward_ms'] / max(r['plain_step_ms'], 1e-9):.2f}x a plain decode step")
+    (out / "profile.json").write_text(json.dumps(rows, indent=2))
+    (out / "profile.md").write_text(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,260 @@
+"""`sgl-longspec` command line: serve, demo, convert-model, train-drafter.
+
+`serve` runs SGLang's own HTTP server (OpenAI-compatible) with this machine's defaults filled in;
+every `sglang.launch_server` flag can be passed through unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+from sgl_longspec.config import LongSpecConfig
+from sgl_longspec.models import EMBEDDED_MODELS, ModelError, resolve_model_path
+
+# Defaults for a CPU-only machine of this project's kind (2 cores, 24 GiB). Sized so the KV pool
+# of the embedded models fits comfortably: SGLang's default sizing reserved ~15 GB and the
+# scheduler was OOM-killed.
+CPU_DEFAULTS = {
+    "--device": "cpu",
+    "--attention-backend": "torch_native",  # re-registered as the verify-capable CPU backend
+    "--dtype": "float32",
+    "--max-total-tokens": "32768",
+    "--max-running-requests": "16",
+    "--chunked-prefill-size": "4096",
+}
+
+
+def _has_flag(args: list[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in args)
+
+
+def build_launch_args(model_path: str, host: str, port: int, extra: list[str], cpu: bool) -> list[str]:
+    args = ["--model-path", model_path, "--host", host, "--port", str(port)]
+    if cpu:
+        for flag, value in CPU_DEFAULTS.items():
+            if not _has_flag(extra, flag):
+                args += [flag, value]
+    return args + extra
+
+
+def wait_healthy(base_url: str, proc: subprocess.Popen | None, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {proc.returncode} before becoming healthy")
+        try:
+            with urllib.request.urlopen(base_url + "/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            pass
+        time.sleep(1.0)
+    raise TimeoutError(f"server at {base_url} not healthy after {timeout:.0f}s")
+
+
+def apply_longspec_args(extra: list[str]) -> list[str]:
+    """Take the --longspec-* flags off the command line, validate them, hand them to the
+    scheduler process (environment), and fill in LONGSPEC's defaults for SGLang's flags."""
+    parser = argparse.ArgumentParser(add_help=False)
+    LongSpecConfig.add_cli_args(parser)
+    ns, rest = parser.parse_known_args(extra)
+    bad = [a for a in rest if a.startswith("--longspec-")]
+    if bad:
+        raise ValueError(f"unknown option {bad[0]} (see `sgl-longspec serve --help`)")
+    cfg = LongSpecConfig.from_cli(ns)
+    algo = _flag_value(rest, "--speculative-algorithm")
+    if algo is not None and algo.upper() == "LONGSPEC":
+        window = _flag_value(rest, "--speculative-num-draft-tokens")
+        if window is None:
+            rest = rest + ["--speculative-num-draft-tokens", str(cfg.max_spec_tokens + 1)]
+            window = cfg.max_spec_tokens + 1
+        cfg.validate(int(window))
+    else:
+        cfg.validate()
+    cfg.to_env()
+    return rest
+
+
+def _flag_value(args: list[str], flag: str) -> str | None:
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def start_server(model_path: str | None, host: str, port: int, extra: list[str],
+                 log_file=None) -> tuple[subprocess.Popen, str]:
+    """Resolve the model, prepare the environment and start SGLang's launcher as a child process."""
+    from sgl_longspec import cpu
+
+    extra = apply_longspec_args(extra)
+    path = str(resolve_model_path(model_path))
+    on_cpu = cpu.prepare_environment()
+    cmd = [sys.executable, "-m", "sglang.launch_server",
+           *build_launch_args(path, host, port, extra, on_cpu)]
+    proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT if log_file else None,
+                            start_new_session=True)
+    return proc, path
+
+
+def stop_server(proc: subprocess.Popen, timeout: float = 30) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=timeout)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def _exit_on_sigterm() -> None:
+    """SIGTERM/SIGHUP unwind like Ctrl-C, so the server (its own process group) is stopped too."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGHUP, handler)
+
+
+def _common_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--model-path", default=None,
+                   help="Hugging Face model folder, a .gguf file, or an embedded model name "
+                        f"({', '.join(EMBEDDED_MODELS)}); default: the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=30000)
+    p.add_argument("--startup-timeout", type=float, default=600)
+    return p
+
+
+def _run_foreground(proc: subprocess.Popen, base_url: str, model: str, timeout: float) -> int:
+    try:
+        wait_healthy(base_url, proc, timeout)
+        print(f"\nsgl-longspec: serving {model}\n  OpenAI-compatible API: {base_url}/v1 "
+              f"(chat/completions, completions)  native: {base_url}/generate\n  Ctrl-C to stop.",
+              flush=True)
+        return proc.wait()
+    except KeyboardInterrupt:
+        return 0
+    except (RuntimeError, TimeoutError) as e:
+        print(f"sgl-longspec: {e}", file=sys.stderr)
+        return 1
+    finally:
+        stop_server(proc)
+
+
+def cmd_serve(argv: list[str]) -> int:
+    _exit_on_sigterm()
+    parser = _common_parser("sgl-longspec serve", "Run SGLang's server with sgl-longspec.")
+    args, extra = parser.parse_known_args(argv)
+    try:
+        proc, path = start_server(args.model_path, args.host, args.port, extra)
+    except (ModelError, ValueError) as e:
+        print(f"sgl-longspec: error: {e}", file=sys.stderr)
+        return 2
+    return _run_foreground(proc, f"http://{args.host}:{args.port}", path, args.startup_timeout)
+
+
+def chat_once(base_url: str, prompt: str, max_tokens: int = 128) -> dict:
+    body = {"model": "default", "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens, "temperature": 0}
+    req = urllib.request.Request(base_url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=600) as r:
+        return json.loads(r.read())
+
+
+def cmd_demo(argv: list[str]) -> int:
+    _exit_on_sigterm()
+    parser = _common_parser("sgl-longspec demo",
+                            "Start the server, answer one chat completion, then keep serving.")
+    parser.add_argument("--prompt", default="Write a Python function that checks whether a "
+                                            "string is a palindrome, then explain it briefly.")
+    parser.add_argument("--exit", action="store_true", help="stop the server after the demo")
+    args, extra = parser.parse_known_args(argv)
+    base_url = f"http://{args.host}:{args.port}"
+    try:
+        proc, path = start_server(args.model_path, args.host, args.port, extra)
+    except (ModelError, ValueError) as e:
+        print(f"sgl-longspec: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        t0 = time.time()
+        wait_healthy(base_url, proc, args.startup_timeout)
+        print(f"\nsgl-longspec: server up in {time.time() - t0:.0f}s ({path})", flush=True)
+        t0 = time.time()
+        reply = chat_once(base_url, args.prompt)
+        dt = time.time() - t0
+        text = reply["choices"][0]["message"]["content"]
+        n = reply.get("usage", {}).get("completion_tokens", 0)
+        print(f"\nuser> {args.prompt}\nassistant> {text}\n\n[{n} tokens in {dt:.1f}s = "
+              f"{n / max(dt, 1e-9):.1f} tok/s]", flush=True)
+        if args.exit:
+            return 0
+        print(f"\nsgl-longspec: still serving at {base_url}/v1 (Ctrl-C to stop)", flush=True)
+        return proc.wait()
+    except KeyboardInterrupt:
+        return 0
+    except (RuntimeError, TimeoutError, urllib.error.URLError) as e:
+        print(f"sgl-longspec: {e}", file=sys.stderr)
+        return 1
+    finally:
+        stop_server(proc)
+
+
+def cmd_convert_model(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="sgl-longspec convert-model",
+                                description="Convert an embedded model or .gguf file once and print its folder.")
+    p.add_argument("model", nargs="?", default=None)
+    args = p.parse_args(argv)
+    try:
+        print(resolve_model_path(args.model))
+    except ModelError as e:
+        print(f"sgl-longspec: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_train_drafter(argv: list[str]) -> int:
+    from sgl_longspec.owl.train import main as train_main
+
+    return train_main(argv) or 0
+
+
+COMMANDS = {
+    "serve": cmd_serve,
+    "demo": cmd_demo,
+    "convert-model": cmd_convert_model,
+    "train-drafter": cmd_train_drafter,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: sgl-longspec {serve,demo,convert-model,train-drafter} [options]\n"
+              "  serve          SGLang's OpenAI-compatible server with sgl-longspec\n"
+              "  demo           start the server, answer a chat completion, keep serving\n"
+              "  convert-model  convert an embedded model / .gguf into a cached HF folder\n"
+              "  train-drafter  train the OWL LSTM drafter for a target model",
+              file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""LONGSPEC options: `--longspec-*` flags, validated once, carried to the scheduler process.
+
+SGLang's argparse does not know plugin flags, so `sgl-longspec serve` takes the `--longspec-*`
+flags off the command line, validates them (a bad value stops the launch with a clear message),
+and hands them to the scheduler process in the environment variable SGL_LONGSPEC_CONFIG (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, fields
+
+ENV_VAR = "SGL_LONGSPEC_CONFIG"
+
+
+@dataclass
+class LongSpecConfig:
+    # Suffix index (SuffixDecoding)
+    max_spec_tokens: int = 15  # most draft tokens verified per request per step (<= num_draft_tokens - 1)
+    spec_factor: float = 1.0  # draft budget = min(max_spec_tokens, floor(match_len * factor + offset))
+    spec_offset: float = 0.0
+    min_token_prob: float = 0.1  # stop a draft path once its estimated probability falls below
+    max_depth: int = 64  # suffix tree depth cap (match + draft)
+    use_tree: bool = False  # tree drafts (siblings) instead of chains
+    global_cache_requests: int = 4096  # past outputs kept in the global tree (FIFO)
+    global_cache_mb: int = 512  # and the memory they may take
+    # Router
+    min_score: float = 1.0  # expected accepted tokens below which a draft is not worth verifying
+    batch_draft_budget: int = 64  # draft tokens per verify step over the whole batch
+    backoff_steps: int = 8  # after a fully rejected draft, plain-decode this request for up to N steps
+    # OWL drafter (HOWL hybrid)
+    drafter_path: str = ""  # OWL checkpoint folder; "" = the shipped one for the model if any, "none" = off
+    howl_threshold: float = 2.0  # suffix chain when its score >= threshold, else OWL tree
+    owl_max_nodes: int = 8
+    owl_top_k: int = 2
+
+    def validate(self, num_draft_tokens: int | None = None) -> None:
+        def check(name, ok, what):
+            if not ok:
+                raise ValueError(f"--longspec-{name.replace('_', '-')}: {what}, got {getattr(self, name)!r}")
+
+        check("max_spec_tokens", 1 <= self.max_spec_tokens <= 256, "must be in [1, 256]")
+        if num_draft_tokens is not None:
+            check("max_spec_tokens", self.max_spec_tokens <= num_draft_tokens - 1,
+                  f"must be <= --speculative-num-draft-tokens - 1 = {num_draft_tokens - 1}")
+        check("spec_factor", 0.0 <= self.spec_factor <= 1e3, "must be in [0, 1000]")
+        check("spec_offset", -1e3 <= self.spec_offset <= 1e3, "must be in [-1000, 1000]")
+        check("min_token_prob", 0.0 <= self.min_token_prob <= 1.0, "must be in [0, 1]")
+        check("max_depth", 1 <= self.max_depth <= 4096, "must be in [1, 4096]")
+        check("global_cache_requests", self.global_cache_requests >= 0, "must be >= 0")
+        check("global_cache_mb", self.global_cache_mb >= 0, "must be >= 0")
+        check("min_score", 0.0 <= self.min_score <= 1e3, "must be in [0, 1000]")
+        check("batch_draft_budget", self.batch_draft_budget >= 0, "must be >= 0")
+        check("backoff_steps", 0 <= self.backoff_steps <= 10_000, "must be in [0, 10000]")
+        check("howl_threshold", 0.0 <= self.howl_threshold <= 1e3, "must be in [0, 1000]")
+        check("owl_max_nodes", 1 <= self.owl_max_nodes <= 256, "must be in [1, 256]")
+        check("owl_top_k", 1 <= self.owl_top_k <= 64, "must be in [1, 64]")
+
+    # ---- transport -------------------------------------------------------------------------
+    def to_env(self) -> None:
+        os.environ[ENV_VAR] = json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_env(cls) -> "LongSpecConfig":
+        raw = os.environ.get(ENV_VAR)
+        if not raw:
+            return cls()
+        data = json.loads(raw)
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"{ENV_VAR} has unknown keys: {sorted(unknown)}")
+        return cls(**data)
+
+    # ---- command line ----------------------------------------------------------------------
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("LONGSPEC speculative decoding (--speculative-algorithm LONGSPEC)")
+        for f in fields(cls):
+            flag = "--longspec-" + f.name.replace("_", "-")
+            if f.type in ("bool", bool):
+                group.add_argument(flag, type=_parse_bool, default=f.default, metavar="{true,false}")
+            else:
+                typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+                group.add_argument(flag, type=typ, default=f.default)
+
+    @classmethod
+    def from_cli(cls, ns: argparse.Namespace) -> "LongSpecConfig":
+        return cls(**{f.name: getattr(ns, "longspec_" + f.name) for f in fields(cls)})
+
+
+def _parse_bool(v: str) -> bool:
+    s = v.strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")

@@ -1,0 +1,81 @@
+"""Everything SGLang needs to serve on a machine without CUDA, in one place.
+
+`activate()` is called by the plugin in every SGLang process (and by the CLI before SGLang is
+imported). It does nothing when CUDA is present. Otherwise it:
+- turns on SGLang's CPU engine (SGLANG_USE_CPU_ENGINE=1) unless the user set it;
+- makes `import sgl_kernel` resolve to the pure-PyTorch shim in ./_shim when the real CPU build of
+  sgl_kernel is not importable (it is not on PyPI);
+- registers LongSpecCPUAttnBackend (verify-capable hybrid tree attention) under SGLang's
+  `torch_native` backend name, so the command line can select it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+SHIM_DIR = str(Path(__file__).parent / "_shim")
+_activated = False
+
+
+def cuda_present() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _real_sgl_kernel_importable() -> bool:
+    spec = importlib.util.find_spec("sgl_kernel")
+    if spec is None or (spec.origin or "").startswith(SHIM_DIR):
+        return False
+    try:
+        import sgl_kernel  # noqa: F401
+    except Exception:
+        for name in [m for m in sys.modules if m == "sgl_kernel" or m.startswith("sgl_kernel.")]:
+            del sys.modules[name]
+        return False
+    return True
+
+
+def install_sgl_kernel_shim() -> None:
+    """Put the shim first on sys.path here and (through PYTHONPATH) in child processes."""
+    if SHIM_DIR not in sys.path:
+        sys.path.insert(0, SHIM_DIR)
+    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if SHIM_DIR not in parts:
+        os.environ["PYTHONPATH"] = os.pathsep.join([SHIM_DIR, *parts])
+
+
+def prepare_environment() -> bool:
+    """Environment-only part of activate(): safe to call before SGLang is imported."""
+    if cuda_present():
+        return False
+    os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
+    if not _real_sgl_kernel_importable():
+        install_sgl_kernel_shim()
+    return True
+
+
+def register_attention_backend() -> None:
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+
+    def create_longspec_cpu_backend(runner):
+        from sgl_longspec.cpu.attention import LongSpecCPUAttnBackend
+
+        return LongSpecCPUAttnBackend(runner)
+
+    ATTENTION_BACKENDS["torch_native"] = create_longspec_cpu_backend
+
+
+def activate() -> bool:
+    """Idempotent; returns True when the CPU support layer is active in this process."""
+    global _activated
+    if _activated:
+        return True
+    if not prepare_environment():
+        return False
+    register_attention_backend()
+    _activated = True
+    return True

@@ -1,0 +1,202 @@
+"""CPU attention backend with speculative-verify support (hybrid tree attention).
+
+SGLang's torch_native backend cannot verify drafts (it has no TARGET_VERIFY / custom-mask path)
+and its extend path recomputes attention for every cached prefix token. This backend replaces it
+(registered under the same name, so `--attention-backend torch_native` selects it):
+
+- decode: one query per request over its committed KV (a zero-copy slice when the request's KV
+  slots are contiguous, which they usually are);
+- extend and TARGET_VERIFY: queries of the new tokens attend to the committed prefix WITHOUT a mask
+  and to the new tokens under a small [n, n] mask (causal for prefill chunks, the draft tree mask
+  for verify); the two partial results are merged by their log-sum-exps. This is the hybrid tree
+  attention of LongSpec; the math lives in flashinfer_ext.reference, which the GPU kernels match.
+
+Per-batch bookkeeping (request lengths, KV slot lists) is computed once in
+init_forward_metadata, not once per layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch.nn.functional import scaled_dot_product_attention
+
+from flashinfer_ext.reference import hybrid_tree_attention
+from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+from sglang.srt.layers.radix_attention import AttentionType
+from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+
+@dataclass
+class _ReqKV:
+    """Where one request's committed KV lives: a contiguous slot range or an index tensor."""
+
+    start: int
+    length: int
+    index: Optional[torch.Tensor]  # None when slots are start .. start + length - 1
+
+    def gather(self, cache: torch.Tensor) -> torch.Tensor:
+        if self.index is None:
+            return cache[self.start : self.start + self.length]
+        return cache.index_select(0, self.index)
+
+
+def _req_kv(slots: torch.Tensor) -> _ReqKV:
+    n = slots.numel()
+    if n == 0:
+        return _ReqKV(0, 0, None)
+    first, last = int(slots[0]), int(slots[-1])
+    if last - first + 1 == n and (n < 3 or bool((slots[1:] - slots[:-1] == 1).all())):
+        return _ReqKV(first, n, None)
+    return _ReqKV(first, n, slots.to(torch.int64))
+
+
+@dataclass
+class _BatchPlan:
+    mode: str  # "decode", "extend", "verify"
+    q_lens: list[int]  # new tokens (queries) per request
+    prefix: list[_ReqKV]  # committed KV attended without a mask
+    masks: list[Optional[torch.Tensor]]  # [n, n] bool over the new tokens; None = causal
+
+
+class LongSpecCPUAttnBackend(TorchNativeAttnBackend):
+    def init_forward_metadata(self, forward_batch):
+        super().init_forward_metadata(forward_batch)
+        self.plan = None
+        mode = forward_batch.forward_mode
+        if forward_batch.encoder_lens is not None or self.use_sliding_window_kv_pool:
+            return  # rare layouts: defer to the parent implementation
+        req_to_token = self.req_to_token_pool.req_to_token
+        rows = forward_batch.req_pool_indices.tolist()
+        seq_lens = forward_batch.seq_lens_cpu
+        seq_lens = (seq_lens if seq_lens is not None else forward_batch.seq_lens).tolist()
+        if mode.is_decode_or_idle():
+            prefix = [_req_kv(req_to_token[r, :s]) for r, s in zip(rows, seq_lens)]
+            self.plan = _BatchPlan("decode", [1] * len(rows), prefix, [None] * len(rows))
+        elif mode.is_target_verify():
+            spec = forward_batch.spec_info
+            q_lens, masks = _verify_layout(spec, seq_lens)
+            prefix = [_req_kv(req_to_token[r, :s]) for r, s in zip(rows, seq_lens)]
+            self.plan = _BatchPlan("verify", q_lens, prefix, masks)
+        elif mode in (ForwardMode.EXTEND, ForwardMode.MIXED):
+            pre = forward_batch.extend_prefix_lens_cpu
+            ext = forward_batch.extend_seq_lens_cpu
+            if pre is None or ext is None:
+                return
+            prefix = [_req_kv(req_to_token[r, :p]) for r, p in zip(rows, pre)]
+            self.plan = _BatchPlan("extend", list(ext), prefix, [None] * len(rows))
+
+    def _plain_layer(self, layer) -> bool:
+        return (
+            self.plan is not None
+            and not layer.is_cross_attention
+            and layer.attn_type != AttentionType.ENCODER_ONLY
+            and (layer.sliding_window_size is None or layer.sliding_window_size < 0)
+            and not getattr(layer, "logit_cap", 0)
+            and layer.qk_head_dim == layer.v_head_dim
+        )
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
+        if not self._plain_layer(layer) or self.plan.mode == "decode":
+            return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
+        if save_kv_cache and k is not None and v is not None:
+            self.token_to_kv_pool.set_kv_buffer(
+                layer, KVWriteLoc(forward_batch.out_cache_loc, self.swa_out_cache_loc), k, v
+            )
+        hq, hkv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
+        q_ = q.reshape(-1, hq, d)
+        k_new = k.reshape(-1, hkv, d)
+        v_new = v.reshape(-1, hkv, d)
+        k_cache = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
+        v_cache = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
+        out = torch.empty_like(q_)
+        start = 0
+        for n, pre, mask in zip(self.plan.q_lens, self.plan.prefix, self.plan.masks):
+            end = start + n
+            kn, vn = k_new[start:end], v_new[start:end]
+            if pre.length == 0 and mask is None:
+                out[start:end] = _sdpa(q_[start:end], kn, vn, layer.scaling, causal=True)
+            else:
+                kp, vp = pre.gather(k_cache), pre.gather(v_cache)
+                if kp.dtype != q_.dtype:
+                    kp, vp = kp.to(q_.dtype), vp.to(q_.dtype)
+                tree_mask = mask if mask is not None else _causal(n, q_.device)
+                out[start:end] = hybrid_tree_attention(
+                    q_[start:end], kp, vp, kn, vn, tree_mask, layer.scaling
+                )
+            start = end
+        return out.reshape(q.shape[0], hq * d)
+
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
+        if not self._plain_layer(layer) or self.plan.mode != "decode":
+            return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
+        if save_kv_cache and k is not None and v is not None:
+            self.token_to_kv_pool.set_kv_buffer(
+                layer, KVWriteLoc(forward_batch.out_cache_loc, self.swa_out_cache_loc), k, v
+            )
+        hq, d = layer.tp_q_head_num, layer.qk_head_dim
+        q_ = q.reshape(-1, hq, d)
+        k_cache = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
+        v_cache = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
+        out = torch.empty_like(q_)
+        for i, pre in enumerate(self.plan.prefix):
+            kp, vp = pre.gather(k_cache), pre.gather(v_cache)
+            if kp.dtype != q_.dtype:
+                kp, vp = kp.to(q_.dtype), vp.to(q_.dtype)
+            out[i : i + 1] = _sdpa(q_[i : i + 1], kp, vp, layer.scaling, causal=False)
+        return out.reshape(q.shape[0], hq * d)
+
+
+def _sdpa(q, k, v, scale, causal):
+    """q [n, Hq, D], k/v [m, Hkv, D] -> [n, Hq, D] (top-left causal only when n == m)."""
+    o = scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0),
+        k.transpose(0, 1).unsqueeze(0),
+        v.transpose(0, 1).unsqueeze(0),
+        is_causal=causal,
+        scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
+    return o.squeeze(0).transpose(0, 1)
+
+
+_CAUSAL_CACHE: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _causal(n: int, device) -> torch.Tensor:
+    key = (n, str(device))
+    m = _CAUSAL_CACHE.get(key)
+    if m is None:
+        m = torch.ones(n, n, dtype=torch.bool, device=device).tril_()
+        if n <= 4096:
+            _CAUSAL_CACHE[key] = m
+    return m
+
+
+def _verify_layout(spec, seq_lens: list[int]):
+    """Per-request draft sizes and [n, n] tree masks of a TARGET_VERIFY batch.
+
+    LONGSPEC's verify input carries compact per-request masks (``tree_masks``) and ragged sizes.
+    SGLang's NGRAM input carries a flat custom_mask: on CPU [bs, n, n] (tree part only); in the
+    GPU FULL_MASK layout one [n, seq_len + n] block per request whose prefix columns are all true,
+    of which only the last n columns are read (the prefix needs no mask).
+    """
+    masks = getattr(spec, "tree_masks", None)
+    if masks is not None:
+        return [int(m.shape[0]) for m in masks], list(masks)
+    n = int(spec.draft_token_num)
+    bs = len(seq_lens)
+    flat = spec.custom_mask.reshape(-1)
+    if flat.numel() == bs * n * n:
+        return [n] * bs, list(flat.view(bs, n, n).to(torch.bool).unbind(0))
+    out, offset = [], 0
+    cols = torch.arange(n)
+    for s in seq_lens:
+        width = s + n
+        rows = flat[offset : offset + n * width].view(n, width)
+        out.append(rows[:, s + cols].to(torch.bool))
+        offset += n * width
+    return [n] * bs, out

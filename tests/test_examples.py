@@ -1,0 +1,69 @@
+"""Smoke test of the example agents (examples/agents/) against a real server.
+
+Runs both agent loops end to end on the default model (SmolLM2-135M) with small max_tokens: it
+checks that the loop talks to the server, runs tools on its toy repository and prints per-turn
+stats, not that the model solves the task (the 135M model does not).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "agents"
+
+
+def _load(name: str):
+    sys.path.insert(0, str(EXAMPLES))
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _server(server_pool):
+    pytest.importorskip("sglang")
+    pytest.importorskip("openai")
+    # The default configuration (plain decoding): the same server as tests/test_server.py's.
+    return server_pool.get(())
+
+
+def test_toy_repository_and_tools(tmp_path):
+    common = _load("common")
+    root = common.create_repo(tmp_path / "repo")
+    ok, out = common.run_tests(root)
+    assert not ok and "unique_words" in out  # the task starts from a failing test
+    src = common.call_tool(root, "read_file", {"path": "textstats/summary.py"})
+    fixed = src.replace('"words": words,', '"words": words,\n        "unique_words": len(set(text.lower().split())),')
+    common.call_tool(root, "write_file", {"path": "textstats/summary.py", "content": fixed})
+    assert common.call_tool(root, "run_tests", {}).startswith("PASSED")
+    assert common.call_tool(root, "read_file", {"path": "../outside"}).startswith("ERROR")
+    assert common.parse_text_tool_calls('<tool_call>{"name": "run_tests", "arguments": {}}</tool_call>') == [
+        ("run_tests", {})]
+    agent = _load("sglang_frontend_agent")
+    assert agent.parse_action("WRITE a.py\n```python\nx = 1\n```")[0] == "write_file"
+    assert agent.parse_action("TEST")[0] == "run_tests"
+
+
+@pytest.mark.server
+def test_openai_tool_agent_runs(server_pool, tmp_path, capsys):
+    srv = _server(server_pool)
+    agent = _load("openai_tool_agent")
+    res = agent.run_agent(srv.base_url, max_turns=2, max_tokens=24, repo=tmp_path / "repo", timeout=900)
+    out = capsys.readouterr().out
+    assert "[turn 1]" in out and "tok/s" in out and "TOTAL:" in out, out
+    assert res["turns"] and res["turns"][0]["tokens"] > 0
+
+
+@pytest.mark.server
+def test_sglang_frontend_agent_runs(server_pool, tmp_path, capsys):
+    srv = _server(server_pool)
+    agent = _load("sglang_frontend_agent")
+    res = agent.run_agent(srv.base_url, max_turns=2, max_tokens=24, repo=tmp_path / "repo")
+    out = capsys.readouterr().out
+    assert "[turn 1]" in out and "tok/s" in out and "TOTAL:" in out, out
+    assert res["turns"] and res["turns"][0]["tokens"] > 0

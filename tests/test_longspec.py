@@ -1,0 +1,290 @@
+"""LONGSPEC end to end on the real SGLang server: lossless greedy and sampling, request lifecycle.
+
+Greedy identity is checked token for token against the same server build without speculation, in
+float32 (the CPU default). Sampling is checked statistically (two-sample chi-square on the joint
+distribution of the first generated tokens, fixed seeds). The worker's state is read from the JSON
+snapshot it writes when SGL_LONGSPEC_STATS_FILE is set.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from sgl_longspec.config import LongSpecConfig
+from sgl_longspec.draft import Draft
+from sgl_longspec.router import Router, RouterConfig
+
+LONGSPEC_ARGS = ("--speculative-algorithm", "LONGSPEC", "--speculative-num-draft-tokens", "16",
+                 "--random-seed", "0")
+PLAIN_ARGS = ("--random-seed", "0")
+MAX_NEW = 40
+
+CODE_SNIPPET = '''def merge_sorted(a, b):
+    """Merge two sorted lists into one sorted list."""
+    out = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        if a[i] <= b[j]:
+            out.append(a[i])
+            i += 1
+        else:
+            out.append(b[j])
+            j += 1
+    out.extend(a[i:])
+    out.extend(b[j:])
+    return out
+'''
+
+JSON_SNIPPET = ('{"name": "search_files", "arguments": {"pattern": "*.py", "path": "src/", '
+                '"recursive": true}}\n{"name": "read_file", "arguments": {"path": "src/main.py"}}')
+
+
+def chat(user: str) -> str:
+    return f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+
+
+PROMPTS = [
+    chat(f"Repeat this code exactly, without any change:\n{CODE_SNIPPET}"),
+    chat(f"Copy the following JSON lines verbatim:\n{JSON_SNIPPET}"),
+    chat(f"Rename the function merge_sorted to merge_lists in this code and return it:\n{CODE_SNIPPET}"),
+    chat("Count from 1 to 30, separated by commas."),
+    chat("List the days of the week, then list them again in the same order."),
+    chat("What is the capital of France? Answer in one sentence."),
+    chat("Write a haiku about autumn leaves."),
+    chat("Explain what a hash table is in two sentences."),
+    chat("Give three tips for writing clean Python code."),
+    chat("Translate 'good morning, how are you?' into Spanish and French."),
+    "The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy dog. The quick",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n\n"
+    "def fibonacci_memo(n, memo={}):\n",
+    "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,",
+    "Once upon a time, in a small village by the sea,",
+    "import os\nimport sys\nimport json\n\n",
+    "<html>\n<head>\n<title>Home</title>\n</head>\n<body>\n<h1>Home</h1>\n</body>\n</html>\n<html>\n<head>\n",
+    "Q: What is 2 + 2?\nA: 4\nQ: What is 3 + 3?\nA: 6\nQ: What is 4 + 4?\nA:",
+    chat("Write a Python function that reverses a string."),
+    chat("Summarise the plot of Romeo and Juliet in three sentences."),
+    chat(f"Here is a file:\n{CODE_SNIPPET}\nReturn the same file with a docstring added to nothing else."),
+]
+
+
+def greedy(srv, prompts, max_new=MAX_NEW):
+    """One request at a time (batch composition can change float rounding; see the concurrency test)."""
+    return [srv.generate(text=p, sampling_params={"temperature": 0, "max_new_tokens": max_new})
+            for p in prompts]
+
+
+MULTI_TURN = [f"Here is a function:\n{CODE_SNIPPET}\nRepeat it exactly.",
+              "Now repeat it once more, unchanged.",
+              "Rename the variable out to result and return the function."]
+
+
+def run_multi_turn(srv):
+    history, outs, cached = "", [], []
+    for t in MULTI_TURN:
+        history += chat(t)
+        o = srv.generate(text=history, sampling_params={"temperature": 0, "max_new_tokens": 96})
+        outs.append(o["output_ids"])
+        cached.append(o["meta_info"].get("cached_tokens", 0))
+        history += o["text"] + "<|im_end|>\n"
+    return outs, cached
+
+
+SAMPLING_PROMPT = ("red green blue red green blue red green blue red green blue red green blue "
+                   "red green blue red")
+SAMPLING_N = 240
+SAMPLING_PARAMS = {"temperature": 1.0, "max_new_tokens": 3, "top_p": 0.95}
+
+
+def sample_first_tokens(srv):
+    outs = []
+    for _ in range(0, SAMPLING_N, 16):
+        res = srv.generate(text=[SAMPLING_PROMPT] * 16, sampling_params=SAMPLING_PARAMS)
+        outs += [tuple(o["output_ids"][:3]) for o in res]
+    return Counter(outs)
+
+
+# ---------------------------------------------------------------------------- unit: router, config
+
+def test_router_budget_and_min_score():
+    r = Router(RouterConfig(min_score=1.0, batch_draft_budget=10, max_draft_tokens=8))
+    good = Draft.chain(list(range(8)), probs=[0.9] * 8)  # score 7.2
+    weak = Draft.chain([1, 2], probs=[0.3, 0.1])  # score 0.4 < min_score
+    mid = Draft.chain(list(range(6)), probs=[0.8] * 6)  # score 4.8
+    out = r.plan_batch(["a", "b", "c"], [weak, mid, good])
+    assert len(out[0]) == 0  # not worth a verify
+    assert len(out[2]) == 8  # best score served first
+    assert len(out[1]) == 2  # what is left of the budget of 10
+    assert sum(len(d) for d in out) <= 10
+
+
+def test_router_backoff_after_rejections():
+    r = Router(RouterConfig(backoff_steps=4))
+    r.observe("a", drafted=5, accepted=0)
+    assert not r.wants_draft("a")
+    r.plan_batch(["a"], [Draft.empty()])  # one plain step
+    assert r.wants_draft("a")
+    r.observe("a", drafted=5, accepted=0)  # second failure: longer pause
+    for _ in range(2):
+        assert not r.wants_draft("a")
+        r.plan_batch(["a"], [Draft.empty()])
+    assert r.wants_draft("a")
+    r.observe("a", drafted=5, accepted=3)
+    assert r.wants_draft("a") and r.stats("a").accepted == 3
+
+
+def test_router_howl_pick():
+    r = Router(RouterConfig(howl_threshold=2.0))
+    suffix_hi = Draft.chain([1, 2, 3], probs=[1, 1, 1])
+    suffix_lo = Draft.chain([1], probs=[0.5])
+    owl = Draft([7, 8, 9], [-1, 0, -1], [0.8, 0.6, 0.1], score=1.5)
+    assert r.pick(suffix_hi, owl) is suffix_hi
+    assert r.pick(suffix_lo, owl) is owl
+    assert len(r.pick(None, None)) == 0
+
+
+@pytest.mark.parametrize("field,value", [("max_spec_tokens", 0), ("min_token_prob", 1.5),
+                                         ("spec_factor", -1.0), ("owl_top_k", 0)])
+def test_config_rejects_bad_values(field, value):
+    cfg = LongSpecConfig(**{field: value})
+    with pytest.raises(ValueError, match=field.replace("_", "-")):
+        cfg.validate()
+
+
+def test_config_window_must_fit():
+    with pytest.raises(ValueError, match="speculative-num-draft-tokens"):
+        LongSpecConfig(max_spec_tokens=15).validate(num_draft_tokens=8)
+
+
+def test_cli_rejects_bad_longspec_option():
+    exe = Path(sys.executable).parent / "sgl-longspec"
+    for bad in (["--longspec-min-token-prob", "2"], ["--longspec-no-such-option", "1"],
+                ["--longspec-max-spec-tokens", "20", "--speculative-num-draft-tokens", "8"]):
+        p = subprocess.run([str(exe), "serve", "--speculative-algorithm", "LONGSPEC", *bad],
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2, p.stderr
+        assert "--longspec-" in p.stderr, p.stderr
+
+
+# ---------------------------------------------------------------------------- end to end
+
+@pytest.fixture(scope="module")
+def plain_outputs(server_pool):
+    """Everything the LONGSPEC tests compare against, computed first on one plain server."""
+    srv = server_pool.get(PLAIN_ARGS)
+    return {"single": greedy(srv, PROMPTS), "multi_turn": run_multi_turn(srv)[0],
+            "samples": sample_first_tokens(srv)}
+
+
+@pytest.fixture(scope="module")
+def stats_path(tmp_path_factory):
+    return tmp_path_factory.mktemp("longspec") / "stats.json"
+
+
+@pytest.fixture(scope="module")
+def longspec(server_pool, plain_outputs, stats_path):
+    return server_pool.get(LONGSPEC_ARGS, env={"SGL_LONGSPEC_STATS_FILE": str(stats_path)})
+
+
+def read_stats(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+@pytest.mark.server
+def test_greedy_identical_to_plain_decoding(longspec, plain_outputs, stats_path):
+    spec = greedy(longspec, PROMPTS)
+    plain = plain_outputs["single"]
+    mismatches = []
+    for i, (a, b) in enumerate(zip(plain, spec)):
+        if a["output_ids"] != b["output_ids"]:
+            mismatches.append((i, a["text"][:80], b["text"][:80]))
+    assert not mismatches, f"LONGSPEC differs from plain greedy on {len(mismatches)} prompts: {mismatches}"
+    # Speculation must actually have happened on the repetitive prompts.
+    verify_steps = sum(o["meta_info"].get("spec_verify_ct", 0) or 0 for o in spec)
+    tokens = sum(o["meta_info"]["completion_tokens"] for o in spec)
+    stats = read_stats(stats_path)
+    assert stats["accepted"] > 0, stats
+    assert verify_steps < tokens, (verify_steps, tokens)
+
+
+@pytest.mark.server
+def test_concurrent_requests_identical(longspec, plain_outputs):
+    """8 requests in flight at once (one batch, ragged drafts) give the single-request outputs."""
+    plain = plain_outputs["single"]
+    idx = list(range(8))
+
+    def one(i):
+        return longspec.generate(text=PROMPTS[i], sampling_params={"temperature": 0, "max_new_tokens": MAX_NEW})
+
+    with ThreadPoolExecutor(8) as ex:
+        outs = list(ex.map(one, idx))
+    for i, o in zip(idx, outs):
+        assert o["output_ids"] == plain[i]["output_ids"], f"prompt {i} differs under concurrency"
+
+
+@pytest.mark.server
+def test_multi_turn_reuses_radix_cache(longspec, plain_outputs):
+    spec_outs, spec_cached = run_multi_turn(longspec)
+    assert spec_cached[1] > 0 and spec_cached[2] > 0, spec_cached  # later turns hit the radix cache
+    assert spec_outs == plain_outputs["multi_turn"]
+
+
+@pytest.mark.server
+def test_abort_frees_request_state(longspec, stats_path):
+    import requests
+
+    # A streamed request that the client abandons mid-generation.
+    r = requests.post(longspec.base_url + "/generate", stream=True, timeout=600, json={
+        "text": PROMPTS[0], "stream": True,
+        "sampling_params": {"temperature": 0, "max_new_tokens": 400, "ignore_eos": True}})
+    got = 0
+    for chunk in r.iter_lines():
+        if chunk:
+            got += 1
+        if got >= 5:
+            break
+    r.close()
+    time.sleep(2.0)
+    # Two later requests: the worker notices departures at its next decode step.
+    done = longspec.generate(text=PROMPTS[5], sampling_params={"temperature": 0, "max_new_tokens": 8})
+    longspec.generate(text=PROMPTS[6], sampling_params={"temperature": 0, "max_new_tokens": 8})
+    stats = read_stats(stats_path)
+    assert stats["num_active_requests"] <= 1, stats
+    assert stats["num_active_requests"] == len(stats["active_requests"])
+    assert done["meta_info"]["id"] in stats["cached_response_ids"], stats  # finished -> global tree
+    assert stats["index_memory_bytes"] > 0
+
+
+@pytest.mark.server
+def test_sampling_matches_plain_distribution(longspec, plain_outputs):
+    """Two-sample chi-square on the joint distribution of the first 3 sampled tokens.
+
+    The prompt repeats a pattern, so the suffix index drafts its continuation and the verifier's
+    accept/reject path runs on every sample. H0: both servers sample the same distribution; we
+    require p > 1e-3. tests/test_verify.py shows the same kind of test rejecting a biased verifier.
+    """
+    from scipy.stats import chi2_contingency
+
+    spec = sample_first_tokens(longspec)
+    plain = plain_outputs["samples"]
+    keys = sorted(set(spec) | set(plain), key=lambda k: -(spec[k] + plain[k]))
+    rows, other = [], [0, 0]  # pool rare outcomes so expected counts stay >= 5
+    for k in keys:
+        if spec[k] + plain[k] >= 10:
+            rows.append([spec[k], plain[k]])
+        else:
+            other[0] += spec[k]
+            other[1] += plain[k]
+    if sum(other):
+        rows.append(other)
+    assert len(rows) >= 2, (spec, plain)
+    _, p, _, _ = chi2_contingency(rows)
+    assert p > 1e-3, (p, rows)

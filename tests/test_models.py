@@ -1,0 +1,219 @@
+"""Bad model input and the model cache: clear errors, non-zero exit, nothing half-written left.
+
+The user path is the CLI (`sgl-longspec serve ...` as a subprocess); conversion internals are also
+exercised in-process (cheaper: one transformers import). SGL_LONGSPEC_CACHE points every test at a
+temporary cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sgl_longspec import models
+from sgl_longspec.models import COMPLETE_MARKER, ModelError
+
+CLI = [sys.executable, "-m", "sgl_longspec.cli"]
+
+
+def _cli(args, cache: Path, timeout=600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SGL_LONGSPEC_CACHE": str(cache)}
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def _cache_entries(cache: Path) -> list[str]:
+    """Everything under the cache, hidden temporary folders included."""
+    if not cache.exists():
+        return []
+    return sorted(str(p.relative_to(cache)) for p in cache.rglob("*") if p != cache / "models")
+
+
+@pytest.fixture
+def cache(tmp_path) -> Path:
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="module")
+def real_gguf() -> Path:
+    try:
+        return models.gguf_parts(models.EMBEDDED_MODELS[models.DEFAULT_MODEL])[0]
+    except ModelError as e:
+        pytest.skip(str(e))
+
+
+# ------------------------------------------------------------ CLI: bad --model-path
+
+
+def test_cli_unknown_model_path(tmp_path, cache):
+    missing = tmp_path / "no-such-model"
+    r = _cli(["serve", "--model-path", str(missing), "--port", "1"], cache)
+    assert r.returncode != 0
+    assert "does not exist" in r.stderr and str(missing) in r.stderr
+    assert "Traceback" not in r.stderr
+    assert _cache_entries(cache) == []
+
+
+def test_cli_folder_without_config(tmp_path, cache):
+    folder = tmp_path / "empty-model"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"\0" * 16)
+    r = _cli(["serve", "--model-path", str(folder)], cache)
+    assert r.returncode != 0
+    assert "no config.json" in r.stderr and str(folder) in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe\x00garbage", b""],
+                         ids=["syntax", "binary", "empty"])
+def test_cli_unreadable_config(tmp_path, cache, content):
+    folder = tmp_path / "bad-model"
+    folder.mkdir()
+    (folder / "config.json").write_bytes(content)
+    r = _cli(["serve", "--model-path", str(folder)], cache)
+    assert r.returncode != 0
+    assert "unreadable config.json" in r.stderr and str(folder) in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_cli_truncated_gguf(tmp_path, cache, real_gguf):
+    """A GGUF whose tensor data is cut off: conversion fails, the cache stays empty."""
+    bad = tmp_path / "truncated.gguf"
+    with open(real_gguf, "rb") as f:
+        bad.write_bytes(f.read(3_000_000))
+    r = _cli(["serve", "--model-path", str(bad)], cache)
+    assert r.returncode != 0
+    assert "cannot read GGUF" in r.stderr and str(bad) in r.stderr
+    assert "Traceback" not in r.stderr
+    assert _cache_entries(cache) == []
+
+
+def test_not_a_gguf(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SGL_LONGSPEC_CACHE", str(cache))
+    bad = tmp_path / "weights.gguf"
+    bad.write_bytes(b"PK\x03\x04 this is a zip, not a gguf")
+    with pytest.raises(ModelError, match="not a GGUF file") as ei:
+        models.resolve_model_path(str(bad))
+    assert str(bad) in str(ei.value)
+    assert _cache_entries(cache) == []
+
+
+def test_cli_invalid_flag(cache):
+    """An unknown flag reaches SGLang's argument parser: its message names the flag."""
+    pytest.importorskip("sglang")
+    model = models.ensure_embedded_model()  # the real (default) cache, already converted
+    r = _cli(["serve", "--model-path", str(model), "--port", "1", "--no-such-flag", "7"], cache)
+    assert r.returncode != 0
+    assert "unrecognized arguments: --no-such-flag" in r.stderr
+    assert "before becoming healthy" in r.stderr
+
+
+def test_cli_unknown_command():
+    r = subprocess.run([*CLI, "frobnicate"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "usage: sgl-longspec" in r.stderr
+
+
+# ------------------------------------------------------------ conversion is atomic (in-process)
+
+
+@pytest.mark.parametrize("cut", [16, 2_000_000], ids=["header", "tensor-data"])
+def test_convert_truncated_gguf_leaves_nothing(tmp_path, real_gguf, cut):
+    bad = tmp_path / "cut.gguf"
+    with open(real_gguf, "rb") as f:
+        bad.write_bytes(f.read(cut))
+    out = tmp_path / "cache" / "models" / "cut-model"
+    with pytest.raises(ModelError, match="cannot read GGUF checkpoint") as ei:
+        models.convert_gguf(bad, out)
+    assert str(bad) in str(ei.value)
+    assert list(out.parent.iterdir()) == []  # no temporary folder, no partial model
+
+
+def test_failed_conversion_keeps_previous_folder(tmp_path, real_gguf):
+    bad = tmp_path / "cut.gguf"
+    with open(real_gguf, "rb") as f:
+        bad.write_bytes(f.read(1_000_000))
+    out = tmp_path / "models" / "m"
+    out.mkdir(parents=True)
+    (out / "config.json").write_text("{}")
+    with pytest.raises(ModelError):
+        models.convert_gguf(bad, out)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m"]
+    assert (out / "config.json").read_text() == "{}"
+
+
+def test_convert_missing_file(tmp_path):
+    with pytest.raises(ModelError, match="GGUF file not found"):
+        models.convert_gguf(tmp_path / "nope.gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------ embedded-model cache states
+
+
+@pytest.fixture
+def fake_convert(monkeypatch, tmp_path):
+    """Replace the (slow) real conversion by one that writes a minimal complete folder."""
+    calls = []
+
+    def convert(gguf_file, out_dir, save_dtype="float32"):
+        calls.append(Path(out_dir))
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps({"model_type": "llama"}))
+        (out_dir / COMPLETE_MARKER).write_text("{}")
+
+    monkeypatch.setenv("SGL_LONGSPEC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "convert_gguf", convert)
+    return calls
+
+
+def _embedded_dir(real_gguf) -> Path:
+    model = models.EMBEDDED_MODELS[models.DEFAULT_MODEL]
+    parts = models.gguf_parts(model)
+    return models.cache_dir() / f"{model.name}-{models._source_fingerprint(parts)}"
+
+
+def test_embedded_cache_complete_is_reused(fake_convert, real_gguf):
+    first = models.ensure_embedded_model()
+    assert fake_convert == [first]
+    assert models.ensure_embedded_model() == first
+    assert models.resolve_model_path(None) == first
+    assert models.resolve_model_path(models.DEFAULT_MODEL) == first
+    assert len(fake_convert) == 1
+
+
+@pytest.mark.parametrize("damage", ["no-marker", "no-config"])
+def test_embedded_cache_half_written_is_rebuilt(fake_convert, real_gguf, damage):
+    target = _embedded_dir(real_gguf)
+    target.mkdir(parents=True)
+    if damage == "no-marker":  # interrupted before the marker was written
+        (target / "config.json").write_text("{}")
+    else:
+        (target / COMPLETE_MARKER).write_text("{}")
+    assert models.ensure_embedded_model() == target
+    assert fake_convert == [target]
+
+
+@pytest.mark.xfail(reason="models.ensure_embedded_model trusts a cache folder that has the "
+                          "completion marker without checking that config.json parses", strict=False)
+def test_embedded_cache_garbage_config_is_detected(fake_convert, real_gguf):
+    target = _embedded_dir(real_gguf)
+    target.mkdir(parents=True)
+    (target / COMPLETE_MARKER).write_text("{}")
+    (target / "config.json").write_bytes(b"\x00\x01 garbage")
+    try:
+        path = models.ensure_embedded_model()
+    except ModelError as e:  # a clear error naming the folder is fine
+        assert str(target) in str(e)
+        return
+    json.loads((path / "config.json").read_text())  # or a rebuilt, valid folder
+
+
+def test_unknown_embedded_model_name():
+    with pytest.raises(ModelError, match="unknown embedded model"):
+        models.ensure_embedded_model("no-such-model")
