@@ -1,4 +1,5 @@
-"""Server CPU decode rate, time to first token and greedy agreement: plain vs NGRAM, fp32 vs bf16.
+"""Server CPU decode rate, time to first token and greedy agreement: plain vs NGRAM vs LONGSPEC,
+fp32 vs bf16.
 
 Starts one SGLang server at a time (`sgl-longspec serve` defaults + the configuration's flags) on the
 embedded SmolLM2-135M-Instruct, sends the same prompts one request at a time (greedy, streaming
@@ -33,11 +34,14 @@ from sgl_longspec.cli import start_server, stop_server, wait_healthy  # noqa: E4
 from sgl_longspec.models import ensure_embedded_model  # noqa: E402
 
 NGRAM = ["--speculative-algorithm", "NGRAM", "--speculative-num-draft-tokens", "8"]
+LONGSPEC = ["--speculative-algorithm", "LONGSPEC"]
 CONFIGS = {
     "fp32-plain": ["--dtype", "float32"],
     "fp32-ngram": ["--dtype", "float32", *NGRAM],
     "bf16-plain": ["--dtype", "bfloat16"],
     "bf16-ngram": ["--dtype", "bfloat16", *NGRAM],
+    "fp32-longspec": ["--dtype", "float32", *LONGSPEC],
+    "bf16-longspec": ["--dtype", "bfloat16", *LONGSPEC],
 }
 
 _CODE = '''import json
@@ -211,6 +215,7 @@ def summarise(results: dict) -> tuple[list[dict], list[dict]]:
         })
     agree = []
     pairs = [("fp32-plain", "fp32-ngram"), ("bf16-plain", "bf16-ngram"),
+             ("fp32-plain", "fp32-longspec"), ("bf16-plain", "bf16-longspec"),
              ("fp32-plain", "bf16-plain")]
     for a, b in pairs:
         if a in results and b in results:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,18 +31,53 @@ PROMPTS = {
 }
 
 
+BUCKETS = [(1, 1), (2, 5), (6, 9), (10, 13), (14, 17)]  # tokens in the forward (root + draft)
+
+
+def step_table(profile: dict) -> tuple[str, list[str]]:
+    """Aggregate the worker's per-size step profile into size buckets, relative to a plain step."""
+    agg = {}
+    for key, (n, ms, fwd, attn) in profile.items():
+        kind, tokens = key.split(":")
+        tokens = int(tokens)
+        lo, hi = next(((lo, hi) for lo, hi in BUCKETS if lo <= tokens <= hi), (tokens, tokens))
+        a = agg.setdefault((kind, lo, hi), [0, 0.0, 0.0, 0.0, 0])
+        a[0] += n
+        a[1] += ms
+        a[2] += fwd
+        a[3] += attn
+        a[4] += n * tokens
+    plain = agg.get(("plain", 1, 1))
+    plain_ms = plain[1] / plain[0] if plain else None
+    head = ("| step | tokens | steps | ms/step | forward ms | attention ms | verify+KV ms | x plain step |\n"
+            "|---|---|---|---|---|---|---|---|\n")
+    lines, ratios = [], []
+    for (kind, lo, hi), (n, ms, fwd, attn, tok) in sorted(agg.items()):
+        per = ms / n
+        x = f"{per / plain_ms:.2f}" if plain_ms else "-"
+        lines.append(f"| {kind} | {lo}-{hi} (mean {tok / n:.1f}) | {n} | {per:.1f} | {fwd / n:.1f} | "
+                     f"{attn / n:.1f} | {(ms - fwd) / n:.1f} | {x} |\n")
+        if kind == "verify" and plain_ms:
+            ratios.append(f"verify step of {tok / n:.1f} tokens ({tok / n - 1:.1f} drafted) = "
+                          f"{per / plain_ms:.2f}x a plain decode step ({per:.1f} vs {plain_ms:.1f} ms); "
+                          f"attention {attn / n:.1f} ms, verification + KV move {(ms - fwd) / n:.1f} ms")
+    return head + "".join(lines), ratios
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model-path", default=None)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--port", type=int, default=31777)
     ap.add_argument("--out", default="benchmarks/results/verify_step")
+    ap.add_argument("--server-args", default="", help="extra server flags, e.g. '--longspec-cost-aware false'")
     args = ap.parse_args(argv)
     stats_file = Path(tempfile.mkdtemp()) / "stats.json"
-    os.environ["SGL_LONGSPEC_STATS_FILE"] = str(stats_file)
+    os.environ["LONGSPEC_STATS_FILE"] = str(stats_file)
     log = open(Path(tempfile.mkdtemp()) / "server.log", "wb")
     proc, path = start_server(args.model_path, "127.0.0.1", args.port,
-                              ["--speculative-algorithm", "LONGSPEC"], log_file=log)
+                              ["--speculative-algorithm", "LONGSPEC", *shlex.split(args.server_args)],
+                              log_file=log)
     base = f"http://127.0.0.1:{args.port}"
     rows = []
     try:
@@ -67,6 +104,7 @@ def main(argv=None) -> int:
                 "verify_other_ms": round((d["verify_ms"] - d["verify_forward_ms"]) / max(d["verify_steps"], 1), 1),
                 "plain_step_ms": round(d["plain_ms"] / max(d["plain_steps"], 1), 1),
             })
+        final_stats = json.loads(stats_file.read_text())
     finally:
         stop_server(proc)
     out = Path(args.out)
@@ -74,13 +112,14 @@ def main(argv=None) -> int:
     cols = list(rows[0])
     table = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
     table += "".join("| " + " | ".join(str(r[c]) for c in cols) + " |\n" for r in rows)
-    print(table)
-    for r in rows:
-        if r["plain_steps"] and r["verify_steps"]:
-            print(f"{r['workload']}: verify forward of {r['tokens_per_verify']} tokens = "
-                  f"{r['verify_forward_ms'] / max(r['plain_step_ms'], 1e-9):.2f}x a plain decode step")
-    (out / "profile.json").write_text(json.dumps(rows, indent=2))
-    (out / "profile.md").write_text(table)
+    steps_table, ratios = step_table(final_stats.get("step_profile", {}))
+    report = (f"Command: `python -m benchmarks.profile_verify_step {shlex.join(sys.argv[1:] if argv is None else argv)}`\n\n"
+              f"## Per workload\n\n{table}\n## Per step size (bs = 1)\n\n{steps_table}\n"
+              f"Router cost model (a, b, c) ms: {final_stats.get('cost_model_ms')}\n\n"
+              + "".join(f"- {line}\n" for line in ratios))
+    print(report)
+    (out / "profile.json").write_text(json.dumps({"workloads": rows, "stats": final_stats}, indent=2))
+    (out / "profile.md").write_text(report)
     return 0
 
 

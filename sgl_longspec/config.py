@@ -28,9 +28,10 @@ class LongSpecConfig:
     global_cache_requests: int = 4096  # past outputs kept in the global tree (FIFO)
     global_cache_mb: int = 512  # and the memory they may take
     # Router
-    min_score: float = 1.0  # expected accepted tokens below which a draft is not worth verifying
+    min_score: float = 0.0  # (calibrated) expected accepted tokens below which a draft is not verified
     batch_draft_budget: int = 64  # draft tokens per verify step over the whole batch
     backoff_steps: int = 8  # after a fully rejected draft, plain-decode this request for up to N steps
+    cost_aware: bool = True  # prune drafts by the measured cost of a verify token (false: verify all)
     # OWL drafter (HOWL hybrid)
     drafter_path: str = ""  # OWL checkpoint folder; "" = the shipped one for the model if any, "none" = off
     howl_threshold: float = 2.0  # suffix chain when its score >= threshold, else OWL tree

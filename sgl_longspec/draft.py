@@ -76,6 +76,24 @@ class Draft:
         return Draft(self.token_ids[:k], self.parents[:k], self.probs[:k],
                      float(self.probs[:k].sum()), self.match_len, self.source)
 
+    def pruned(self, min_prob: float) -> "Draft":
+        """Only the nodes whose path probability is at least min_prob, and whose ancestors are kept
+        (path probabilities need not be monotone for every drafter)."""
+        keep = self.probs >= min_prob
+        if keep.all():
+            return self
+        new_index = np.full(len(self), -1, dtype=np.int32)
+        kept = []
+        for i, p in enumerate(self.parents):
+            if keep[i] and (p < 0 or new_index[p] >= 0):
+                new_index[i] = len(kept)
+                kept.append(i)
+        idx = np.asarray(kept, dtype=np.int64)
+        parents = np.where(self.parents[idx] < 0, -1, new_index[np.maximum(self.parents[idx], 0)])
+        probs = self.probs[idx]
+        return Draft(self.token_ids[idx], parents, probs, float(probs.sum()), self.match_len,
+                     self.source)
+
     def tree_mask(self, include_root: bool = True) -> np.ndarray:
         """Boolean ancestor-or-self mask; with the root, slot 0 is the root and node i is slot i+1."""
         n = len(self)

@@ -1,11 +1,19 @@
 """Per-request, per-step choice between a suffix draft, a model (OWL) draft, or no speculation.
 
 Why a router: a verify step of n draft tokens costs more than a plain decode step (on this CPU a
-few percent per token; on a GPU little until the batch fills the device), so a draft is worth
-verifying only when its expected accepted length pays for it. A request whose drafts keep failing
-is backed off (plain decoding for a while, doubling up to a cap) so that it stops paying for
-speculation; the batch as a whole gets a draft-token budget, filled best score first, so
-speculation shrinks as load grows.
+few percent of a step per token; on a GPU little until the batch fills the device), so a draft is
+worth verifying only when its expected accepted length pays for it. The router therefore keeps
+
+- a cost model of the step itself (StepCostModel: time = a + b * tokens + c * is_verify, fitted
+  online from the worker's own step timings), which gives the path probability below which a draft
+  token costs more than it is expected to save;
+- a per-request calibration of the drafters' probabilities (accepted / expected so far), so that a
+  request whose drafts are over-confident (chat, for instance) gets fewer, shorter drafts;
+- a backoff for requests whose drafts keep failing (plain decoding for a while, doubling up to a
+  cap), and a draft-token budget for the whole batch, filled best value first.
+
+A step verifies drafts only when the batch's expected tokens per second beat plain decoding's, so
+a request for which speculation does not pay stops paying for it.
 
 Engine-independent: works on sgl_longspec.draft.Draft objects and request ids.
 """
@@ -15,16 +23,87 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Hashable, Optional, Sequence
 
+import numpy as np
+
 from sgl_longspec.draft import Draft
 
 
 @dataclass
 class RouterConfig:
-    min_score: float = 1.0  # minimum expected accepted tokens for a draft to be verified
+    min_score: float = 0.0  # minimum (calibrated) expected accepted tokens for a draft to be verified
     howl_threshold: float = 2.0  # prefer the suffix draft when its score reaches this
     batch_draft_budget: int = 64  # total draft tokens per verify step
     max_draft_tokens: int = 15  # per request
     backoff_steps: int = 8  # cap of the plain-decode pause after rejected drafts
+    cost_aware: bool = True  # prune drafts with the step cost model (False: verify every draft)
+    calibration_prior: float = 2.0  # pseudo-tokens of "drafts are right" before a request's history
+
+
+class StepCostModel:
+    """Online linear model of one forward step: ms = a + b * tokens + c * [verify step].
+
+    tokens = tokens in the forward (batch size for a plain step, sum of 1 + draft size for a
+    verify step); c is what the verify path adds beyond its tokens (tree masks, rejection sampling,
+    KV compaction). Fitted by ridge-regularised least squares with exponential forgetting, so it
+    follows changes of batch size, context length and machine load. The ridge prior (b = a *
+    prior_token_cost, c = 0), set from the first observed step, keeps the fit well-posed while only
+    plain steps are seen, and as old verify observations decay it pulls b back to the prior, which
+    re-opens speculation that an unlucky estimate had closed.
+    """
+
+    def __init__(self, prior_token_cost: float = 0.05, decay: float = 0.97, prior_weight: float = 0.5):
+        self.prior_token_cost = prior_token_cost
+        self.decay = decay
+        self.prior_weight = prior_weight
+        self._xtx = np.zeros((3, 3))
+        self._xty = np.zeros(3)
+        self._prior: Optional[np.ndarray] = None
+        self._theta: Optional[np.ndarray] = None
+        self._ridge = np.diag([1.0, self.TYPICAL_TOKENS ** 2, 1.0]) * prior_weight
+        self.observations = 0
+
+    TYPICAL_TOKENS = 16.0  # scale of the token feature, for the ridge prior
+    def observe(self, tokens: int, ms: float, verify: bool) -> None:
+        if tokens <= 0 or not (ms > 0.0) or not np.isfinite(ms):
+            return
+        x = np.array([1.0, float(tokens), 1.0 if verify else 0.0])
+        if self._prior is None:
+            a0 = ms / (1.0 + self.prior_token_cost * tokens)
+            self._prior = np.array([a0, a0 * self.prior_token_cost, 0.0])
+        self._xtx = self.decay * self._xtx + np.outer(x, x)
+        self._xty = self.decay * self._xty + x * ms
+        self.observations += 1
+        # The prior weighs as much as `prior_weight` steps (the token feature on its own scale).
+        lhs = self._xtx + self._ridge
+        rhs = self._xty + self._ridge @ self._prior
+        theta = np.linalg.solve(lhs, rhs)
+        # Physical bounds: a step costs something; tokens and the verify path cost nothing negative.
+        theta[0] = max(theta[0], 1e-3)
+        theta[1] = max(theta[1], 0.0)
+        theta[2] = max(theta[2], 0.0)
+        self._theta = theta
+
+    @property
+    def params(self) -> Optional[tuple[float, float, float]]:
+        """(a, b, c) in ms, or None before the first observation."""
+        return None if self._theta is None else tuple(float(v) for v in self._theta)
+
+    def token_threshold(self, batch_size: int) -> float:
+        """Expected accepted tokens a draft token must bring to pay for itself: its marginal cost b
+        over the time one output token takes in plain decoding, (a + b * bs) / bs."""
+        if self._theta is None:
+            return 0.0
+        a, b, _ = self._theta
+        return b * batch_size / (a + b * batch_size)
+
+    def speedup(self, batch_size: int, expected_tokens: float, draft_tokens: int) -> float:
+        """Predicted tokens/s of a verify step with these drafts over a plain step's."""
+        if self._theta is None:
+            return float("inf") if expected_tokens > 0 else 1.0
+        a, b, c = self._theta
+        plain = batch_size / (a + b * batch_size)
+        spec = (batch_size + expected_tokens) / (a + b * (batch_size + draft_tokens) + c)
+        return spec / plain
 
 
 @dataclass
@@ -35,6 +114,8 @@ class _ReqState:
     accepted: int = 0
     steps: int = 0  # verify steps with a draft
     plain_steps: int = 0  # steps without a draft
+    expected: float = 0.0  # decayed sums behind the calibration of this request's drafts
+    hits: float = 0.0
 
 
 @dataclass
@@ -52,7 +133,21 @@ class RouterStats:
 @dataclass
 class Router:
     config: RouterConfig = field(default_factory=RouterConfig)
+    cost: StepCostModel = field(default_factory=StepCostModel)
     _reqs: dict = field(default_factory=dict)
+
+    CALIBRATION_DECAY = 0.9  # per verify step: recent drafts count more
+
+    def calibration(self, req_id: Hashable) -> float:
+        """Factor on the drafters' path probabilities for this request: accepted / expected over
+        its recent verify steps, starting from 1 (believe the drafter) with a small prior weight."""
+        st = self._state(req_id)
+        m = self.config.calibration_prior
+        return min((st.hits + m) / (st.expected + m), 1.5)
+
+    def observe_step(self, tokens: int, ms: float, verify: bool) -> None:
+        """Feed the step cost model with one forward step's size and wall time."""
+        self.cost.observe(tokens, ms, verify)
 
     def _state(self, req_id: Hashable) -> _ReqState:
         st = self._reqs.get(req_id)
@@ -75,18 +170,39 @@ class Router:
         return max(candidates, key=lambda d: d.score)
 
     def plan_batch(self, req_ids: Sequence[Hashable], drafts: Sequence[Draft]) -> list[Draft]:
-        """Drop drafts not worth verifying and fit the rest into the batch budget (best first)."""
+        """Choose what to verify this step: prune each draft to the tokens that pay for their cost,
+        fill the batch budget best value per token first, and verify nothing at all when the step
+        as a whole would be slower than plain decoding."""
         cfg = self.config
-        out = [Draft.empty()] * len(drafts)
-        order = sorted(range(len(drafts)), key=lambda i: -drafts[i].score)
+        bs = len(drafts)
+        theta = self.cost.token_threshold(bs) if cfg.cost_aware else 0.0
+        out = [Draft.empty()] * bs
+        values = [0.0] * bs
+        for i, (rid, d) in enumerate(zip(req_ids, drafts)):
+            if not len(d):
+                continue
+            k = self.calibration(rid)
+            d = d.pruned(theta / k) if theta > 0.0 else d
+            d = d.truncated(cfg.max_draft_tokens)
+            expected = k * float(d.probs.sum())
+            if len(d) and expected >= cfg.min_score:
+                out[i], values[i] = d, expected
+        order = sorted((i for i in range(bs) if len(out[i])), key=lambda i: -values[i] / len(out[i]))
         budget = cfg.batch_draft_budget
         for i in order:
-            d = drafts[i]
-            if not len(d) or d.score < cfg.min_score or budget <= 0:
+            d = out[i]
+            if budget <= 0:
+                out[i] = Draft.empty()
                 continue
-            d = d.truncated(min(cfg.max_draft_tokens, budget))
+            if len(d) > budget:
+                d = out[i] = d.truncated(budget)
+                values[i] = self.calibration(req_ids[i]) * float(d.probs.sum())
             budget -= len(d)
-            out[i] = d
+        if cfg.cost_aware:
+            gain = sum(v for v, d in zip(values, out) if len(d))
+            tokens = sum(len(d) for d in out)
+            if tokens and self.cost.speedup(bs, gain, tokens) <= 1.0:
+                out = [Draft.empty()] * bs
         for rid, d in zip(req_ids, out):
             st = self._state(rid)
             if len(d) == 0:
@@ -94,14 +210,20 @@ class Router:
                 st.skip -= 1
         return out
 
-    def observe(self, req_id: Hashable, drafted: int, accepted: int) -> None:
-        """Record a verify outcome; a draft with nothing accepted doubles the backoff."""
+    def observe(self, req_id: Hashable, drafted: int, accepted: int,
+                expected: Optional[float] = None) -> None:
+        """Record a verify outcome (expected = the drafter's uncalibrated expected accepted length of
+        the verified draft, the sum of its path probabilities); a draft with nothing accepted
+        doubles the backoff."""
         if drafted <= 0:
             return
         st = self._state(req_id)
         st.steps += 1
         st.drafted += drafted
         st.accepted += accepted
+        if expected is not None:
+            st.expected = self.CALIBRATION_DECAY * st.expected + expected
+            st.hits = self.CALIBRATION_DECAY * st.hits + accepted
         if accepted == 0:
             st.penalty = min(max(1, 2 * st.penalty), self.config.backoff_steps)
             st.skip = st.penalty

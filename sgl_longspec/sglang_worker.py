@@ -92,6 +92,15 @@ def register_longspec_algorithm() -> None:
     _registered = True
 
 
+def _attention_ms() -> dict:
+    """Attention time inside the CPU backend, when it is the one in use."""
+    try:
+        from sgl_longspec.cpu.attention import ATTENTION_MS
+    except Exception:  # no CPU layer (GPU build)
+        return {}
+    return {f"attention_{mode}_ms": ms for mode, ms in ATTENTION_MS.items()}
+
+
 def _worker_base():
     from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
 
@@ -140,13 +149,16 @@ class LongSpecWorker(_worker_base()):
         self.router = Router(RouterConfig(
             min_score=cfg.min_score, howl_threshold=cfg.howl_threshold,
             batch_draft_budget=cfg.batch_draft_budget, max_draft_tokens=cfg.max_spec_tokens,
-            backoff_steps=cfg.backoff_steps))
+            backoff_steps=cfg.backoff_steps, cost_aware=cfg.cost_aware))
         self._indexed: dict[str, int] = {}  # rid -> number of tokens indexed
         self._prev_reqs: dict[str, object] = {}  # rid -> Req of the previous decode batch
         self._drafting_disabled: set[str] = set()  # requests whose drafter failed
         self.totals = {"drafted": 0, "accepted": 0, "verify_steps": 0, "plain_steps": 0,
                        "draft_ms": 0.0, "verify_ms": 0.0, "verify_forward_ms": 0.0,
                        "verify_tokens": 0, "plain_ms": 0.0}
+        # Per forward size: [steps, total ms, forward ms, attention ms], keyed "plain:<tokens>" and
+        # "verify:<tokens>" (the step profile of benchmarks/profile_verify_step.py).
+        self.step_profile: dict[str, list[float]] = {}
         self.drafter = self._load_drafter()
         self._hidden: dict[str, torch.Tensor] = {}  # rid -> target hidden state that produced the root
         # Optional JSON snapshot of the worker's state after every decode step (tests, debugging).
@@ -203,7 +215,10 @@ class LongSpecWorker(_worker_base()):
             "num_cached_responses": self.index.num_cached_responses,
             "cached_response_ids": [str(r) for _, r in self.index.cached_responses()],
             "index_memory_bytes": self.index.memory_bytes(),
+            "cost_model_ms": self.router.cost.params,  # (a, b, c) of the router's step model
+            "step_profile": self.step_profile,
             **self.totals,
+            **_attention_ms(),
         }
 
     def _write_stats(self) -> None:
@@ -399,12 +414,17 @@ class LongSpecWorker(_worker_base()):
                 self._sync_request(req)
             drafts = self._draft(batch)
         self.totals["draft_ms"] += 1e3 * (time.perf_counter() - t0)
+        attn0 = sum(_attention_ms().values())
         if not any(len(d) for d in drafts):
             self.totals["plain_steps"] += 1
             t0 = time.perf_counter()
             out = self._forward_plain_decode(batch, on_publish, pp_proxy_tensors)
-            self.totals["plain_ms"] += 1e3 * (time.perf_counter() - t0)
+            ms = 1e3 * (time.perf_counter() - t0)
+            self.totals["plain_ms"] += ms
+            self.router.observe_step(len(batch.reqs), ms, verify=False)
+            self._profile_step(f"plain:{len(batch.reqs)}", ms, ms, attn0)
             return out
+        fwd0 = self.totals["verify_forward_ms"]
         t0 = time.perf_counter()
         try:
             out = self._forward_verify(batch, drafts, on_publish, pp_proxy_tensors)
@@ -418,9 +438,20 @@ class LongSpecWorker(_worker_base()):
                 self._disable(req.rid)
             self.totals["plain_steps"] += 1
             return self._forward_plain_decode(batch, on_publish, pp_proxy_tensors)
-        self.totals["verify_ms"] += 1e3 * (time.perf_counter() - t0)
+        ms = 1e3 * (time.perf_counter() - t0)
+        self.totals["verify_ms"] += ms
         self.totals["verify_steps"] += 1
+        tokens = len(batch.reqs) + sum(len(d) for d in drafts)
+        self.router.observe_step(tokens, ms, verify=True)
+        self._profile_step(f"verify:{tokens}", ms, self.totals["verify_forward_ms"] - fwd0, attn0)
         return out
+
+    def _profile_step(self, key: str, ms: float, forward_ms: float, attention_before: float) -> None:
+        row = self.step_profile.setdefault(key, [0, 0.0, 0.0, 0.0])
+        row[0] += 1
+        row[1] += ms
+        row[2] += forward_ms
+        row[3] += sum(_attention_ms().values()) - attention_before
 
     def _result(self, batch, logits_output, can_run_cuda_graph, accept_tokens, accept_lens,
                 new_seq_lens, next_token_ids, on_publish):
@@ -566,7 +597,8 @@ class LongSpecWorker(_worker_base()):
             accept_index[b, : len(r.accepted_slots)] = torch.tensor(
                 [b * n + s for s in r.accepted_slots], dtype=torch.int32)
             accept_lens_list.append(len(toks))
-            self.router.observe(batch.reqs[b].rid, len(drafts[b]), r.num_accepted)
+            self.router.observe(batch.reqs[b].rid, len(drafts[b]), r.num_accepted,
+                                expected=float(drafts[b].probs.sum()) if len(drafts[b]) else None)
             self.totals["drafted"] += len(drafts[b])
             self.totals["accepted"] += r.num_accepted
         accept_lens = torch.tensor(accept_lens_list, dtype=torch.int32, device=self.device)

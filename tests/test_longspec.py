@@ -126,6 +126,55 @@ def test_router_budget_and_min_score():
     assert sum(len(d) for d in out) <= 10
 
 
+def test_draft_pruned_keeps_a_valid_tree():
+    d = Draft([5, 6, 7, 8, 9], [-1, 0, -1, 1, 2], [0.9, 0.5, 0.3, 0.4, 0.2])
+    p = d.pruned(0.35)
+    # node 3 (0.4) survives with its ancestors 0 and 1; node 2 (0.3) and its child 4 do not
+    assert p.token_ids.tolist() == [5, 6, 8] and p.parents.tolist() == [-1, 0, 1]
+    assert abs(p.score - 1.8) < 1e-6
+    q = Draft([1, 2], [-1, 0], [0.2, 0.9]).pruned(0.5)  # child above threshold, parent below
+    assert len(q) == 0
+
+
+def test_cost_model_recovers_step_costs():
+    """Fed exact timings from a = 30 ms, b = 2 ms/token, c = 5 ms, the fit converges to them."""
+    from sgl_longspec.router import StepCostModel
+
+    m = StepCostModel()
+    rng = __import__("random").Random(0)
+    for _ in range(300):
+        bs = rng.randint(1, 8)
+        if rng.random() < 0.5:
+            m.observe(bs, 30 + 2 * bs, verify=False)
+        else:
+            n = bs + rng.randint(1, 30)
+            m.observe(n, 30 + 2 * n + 5, verify=True)
+    a, b, c = m.params
+    assert abs(a - 30) < 1.0 and abs(b - 2) < 0.1 and abs(c - 5) < 1.0, (a, b, c)
+    # a draft token pays off only above b * bs / (a + b * bs)
+    assert abs(m.token_threshold(1) - 2 / 32) < 0.01
+    assert m.speedup(1, expected_tokens=0.2, draft_tokens=8) < 1.0 < m.speedup(1, 4.0, 8)
+
+
+def test_router_stops_speculating_when_it_does_not_pay():
+    """Expensive verify tokens + a request whose drafts are over-confident: after a few failed
+    verifies, its drafts are pruned to nothing, while a well-calibrated request keeps speculating."""
+    r = Router(RouterConfig(min_score=0.0, backoff_steps=0))
+    for _ in range(20):  # a = 20 ms, b = 4 ms per token: a draft token needs p >= 4/24
+        r.observe_step(1, 24.0, verify=False)
+        r.observe_step(9, 20 + 4 * 9 + 2, verify=True)
+    overconfident = Draft.chain([1, 2, 3, 4], probs=[0.9, 0.8, 0.7, 0.6])
+    for _ in range(10):
+        r.observe("chat", drafted=4, accepted=0, expected=3.0)
+        r.observe("copy", drafted=4, accepted=4, expected=3.0)
+    out = r.plan_batch(["chat", "copy"], [overconfident, overconfident])
+    assert len(out[0]) == 0 and len(out[1]) == 4
+    # The same drafts with cost-awareness off: both verified.
+    r.config.cost_aware = False
+    out = r.plan_batch(["chat", "copy"], [overconfident, overconfident])
+    assert len(out[0]) == 4 and len(out[1]) == 4
+
+
 def test_router_backoff_after_rejections():
     r = Router(RouterConfig(backoff_steps=4))
     r.observe("a", drafted=5, accepted=0)

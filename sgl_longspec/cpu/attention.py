@@ -17,6 +17,7 @@ init_forward_metadata, not once per layer.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -60,6 +61,12 @@ class _BatchPlan:
     q_lens: list[int]  # new tokens (queries) per request
     prefix: list[_ReqKV]  # committed KV attended without a mask
     masks: list[Optional[torch.Tensor]]  # [n, n] bool over the new tokens; None = causal
+
+
+# Wall time spent inside this backend's attention, per plan mode ("decode", "verify", "extend"),
+# in ms: the LONGSPEC worker reports it in its stats so that a verify step's profile can separate
+# attention from the rest of the forward (benchmarks/profile_verify_step.py).
+ATTENTION_MS: dict[str, float] = {"decode": 0.0, "verify": 0.0, "extend": 0.0}
 
 
 class LongSpecCPUAttnBackend(TorchNativeAttnBackend):
@@ -106,6 +113,7 @@ class LongSpecCPUAttnBackend(TorchNativeAttnBackend):
             self.token_to_kv_pool.set_kv_buffer(
                 layer, KVWriteLoc(forward_batch.out_cache_loc, self.swa_out_cache_loc), k, v
             )
+        t0 = time.perf_counter()
         hq, hkv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
         q_ = q.reshape(-1, hq, d)
         k_new = k.reshape(-1, hkv, d)
@@ -128,6 +136,7 @@ class LongSpecCPUAttnBackend(TorchNativeAttnBackend):
                     q_[start:end], kp, vp, kn, vn, tree_mask, layer.scaling
                 )
             start = end
+        ATTENTION_MS[self.plan.mode] += 1e3 * (time.perf_counter() - t0)
         return out.reshape(q.shape[0], hq * d)
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
@@ -137,6 +146,7 @@ class LongSpecCPUAttnBackend(TorchNativeAttnBackend):
             self.token_to_kv_pool.set_kv_buffer(
                 layer, KVWriteLoc(forward_batch.out_cache_loc, self.swa_out_cache_loc), k, v
             )
+        t0 = time.perf_counter()
         hq, d = layer.tp_q_head_num, layer.qk_head_dim
         q_ = q.reshape(-1, hq, d)
         k_cache = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
@@ -147,6 +157,7 @@ class LongSpecCPUAttnBackend(TorchNativeAttnBackend):
             if kp.dtype != q_.dtype:
                 kp, vp = kp.to(q_.dtype), vp.to(q_.dtype)
             out[i : i + 1] = _sdpa(q_[i : i + 1], kp, vp, layer.scaling, causal=False)
+        ATTENTION_MS["decode"] += 1e3 * (time.perf_counter() - t0)
         return out.reshape(q.shape[0], hq * d)
 
 
