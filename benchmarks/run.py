@@ -339,7 +339,7 @@ def bench_serving(base_url: str, model_folder: str, out_dir: Path, tag: str, con
     ShareGPT prompts against a running server; returns its summary JSON line."""
     # A complete (valid) json of the first records of the truncated ShareGPT file, outside the
     # results folder (it is ~10 MB).
-    data = Path(os.environ.get("SGL_LONGSPEC_CACHE", Path.home() / ".cache" / "sgl_longspec")) / "bench" / "sharegpt_first_2000.json"
+    data = Path(os.environ.get("LONGSPEC_CACHE", Path.home() / ".cache" / "sgl_longspec")) / "bench" / "sharegpt_first_2000.json"
     data.parent.mkdir(parents=True, exist_ok=True)
     if not data.exists():
         W.write_sharegpt_json(data, 2000)

@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
-VENV=${SGL_LONGSPEC_VENV:-$ROOT/.venv}
+VENV=${LONGSPEC_VENV:-$ROOT/.venv}
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 SGLANG_VERSION=0.5.23
@@ -19,7 +19,7 @@ SGLANG_VERSION=0.5.23
 # (PyPI's torchvision 0.28 links libc10_cuda) and sglang imports torchvision unconditionally.
 TORCH=2.14.1
 TORCHVISION=0.29.1
-EXTRAS=${SGL_LONGSPEC_EXTRAS:-test}
+EXTRAS=${LONGSPEC_EXTRAS:-test}
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating virtual environment $VENV"

@@ -2,7 +2,7 @@
 
 SGLang's argparse does not know plugin flags, so `sgl-longspec serve` takes the `--longspec-*`
 flags off the command line, validates them (a bad value stops the launch with a clear message),
-and hands them to the scheduler process in the environment variable SGL_LONGSPEC_CONFIG (JSON).
+and hands them to the scheduler process in the environment variable LONGSPEC_CONFIG (JSON).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import json
 import os
 from dataclasses import dataclass, fields
 
-ENV_VAR = "SGL_LONGSPEC_CONFIG"
+ENV_VAR = "LONGSPEC_CONFIG"
 
 
 @dataclass

@@ -69,8 +69,8 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 def cache_dir() -> Path:
-    """Where converted models live; override with SGL_LONGSPEC_CACHE."""
-    env = os.environ.get("SGL_LONGSPEC_CACHE")
+    """Where converted models live; override with LONGSPEC_CACHE."""
+    env = os.environ.get("LONGSPEC_CACHE")
     base = Path(env) if env else Path.home() / ".cache" / "sgl_longspec"
     return base / "models"
 
@@ -114,7 +114,16 @@ def _source_fingerprint(parts: list[Path]) -> str:
 
 
 def _is_complete(folder: Path) -> bool:
-    return (folder / COMPLETE_MARKER).is_file() and (folder / "config.json").is_file()
+    """A finished conversion: the marker is written last, and config.json must still parse (a
+    cache folder damaged after the conversion is rebuilt instead of failing inside SGLang)."""
+    if not ((folder / COMPLETE_MARKER).is_file() and (folder / "config.json").is_file()):
+        return False
+    try:
+        json.loads((folder / "config.json").read_text())
+    except (ValueError, UnicodeDecodeError, OSError):
+        logger.warning("cached model folder %s is damaged (config.json unreadable); rebuilding it", folder)
+        return False
+    return True
 
 
 def convert_gguf(gguf_file: Path, out_dir: Path, save_dtype: str = "float32") -> None:

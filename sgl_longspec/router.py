@@ -7,8 +7,10 @@ worth verifying only when its expected accepted length pays for it. The router t
 - a cost model of the step itself (StepCostModel: time = a + b * tokens + c * is_verify, fitted
   online from the worker's own step timings), which gives the path probability below which a draft
   token costs more than it is expected to save;
-- a per-request calibration of the drafters' probabilities (accepted / expected so far), so that a
-  request whose drafts are over-confident (chat, for instance) gets fewer, shorter drafts;
+- a per-request, per-drafter record (accepted / expected, accepted per draft), which calibrates the
+  drafters' probabilities and decides whether drafting is worth calling at all: a request whose
+  drafts do not pay for the verify step and the drafter's own time (chat, for instance) stops
+  drafting, and tries again once that evidence has faded;
 - a backoff for requests whose drafts keep failing (plain decoding for a while, doubling up to a
   cap), and a draft-token budget for the whole batch, filled best value first.
 
@@ -96,6 +98,13 @@ class StepCostModel:
         a, b, _ = self._theta
         return b * batch_size / (a + b * batch_size)
 
+    def plain_ms_per_token(self, batch_size: int) -> Optional[float]:
+        """Time one output token takes in a plain decode step of this batch size."""
+        if self._theta is None:
+            return None
+        a, b, _ = self._theta
+        return (a + b * batch_size) / batch_size
+
     def speedup(self, batch_size: int, expected_tokens: float, draft_tokens: int) -> float:
         """Predicted tokens/s of a verify step with these drafts over a plain step's."""
         if self._theta is None:
@@ -114,8 +123,8 @@ class _ReqState:
     accepted: int = 0
     steps: int = 0  # verify steps with a draft
     plain_steps: int = 0  # steps without a draft
-    expected: float = 0.0  # decayed sums behind the calibration of this request's drafts
-    hits: float = 0.0
+    # per draft source ("suffix", "owl"): decayed [expected, accepted] sums behind the calibration
+    calib: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -136,18 +145,46 @@ class Router:
     cost: StepCostModel = field(default_factory=StepCostModel)
     _reqs: dict = field(default_factory=dict)
 
-    CALIBRATION_DECAY = 0.9  # per verify step: recent drafts count more
+    CALIBRATION_DECAY = 0.9  # per verify step of a source: recent drafts count more
+    RECOVERY_DECAY = 0.95  # per step without a draft: evidence fades, so drafting is tried again
+    PRIOR_ACCEPTED = 2.0  # accepted tokens per draft believed before a request's own record
+    _draft_ms: dict = field(default_factory=dict)  # source -> EMA of one drafting call (ms)
 
-    def calibration(self, req_id: Hashable) -> float:
-        """Factor on the drafters' path probabilities for this request: accepted / expected over
-        its recent verify steps, starting from 1 (believe the drafter) with a small prior weight."""
-        st = self._state(req_id)
+    def calibration(self, req_id: Hashable, source: str = "suffix") -> float:
+        """Factor on a drafter's path probabilities for this request: accepted / expected over its
+        recent verify steps, starting from 1 (believe the drafter) with a small prior weight."""
+        e, h, _, _ = self._state(req_id).calib.get(source, (0.0, 0.0, 0.0, 0.0))
         m = self.config.calibration_prior
-        return min((st.hits + m) / (st.expected + m), 1.5)
+        return min((h + m) / (e + m), 1.5)
 
     def observe_step(self, tokens: int, ms: float, verify: bool) -> None:
         """Feed the step cost model with one forward step's size and wall time."""
         self.cost.observe(tokens, ms, verify)
+
+    def observe_draft_cost(self, source: str, ms: float) -> None:
+        """Wall time of one batched drafting call of a model drafter (the suffix index is ~free)."""
+        old = self._draft_ms.get(source)
+        self._draft_ms[source] = ms if old is None else 0.8 * old + 0.2 * ms
+
+    def wants_source(self, req_id: Hashable, source: str, batch_size: int,
+                     max_tokens: int) -> bool:
+        """Whether drafting from `source` pays for this request now: the tokens its recent drafts
+        got accepted (decayed mean per verified draft, optimistic prior) must exceed what a draft
+        costs in output-token time: the verify path's fixed cost, its tokens, and the drafter's
+        own time."""
+        if not self.wants_draft(req_id):
+            return False
+        if not self.config.cost_aware or self.cost.params is None:
+            return True
+        a, b, c = self.cost.params
+        token_ms = self.cost.plain_ms_per_token(batch_size)
+        _, hits, count, length = self._state(req_id).calib.get(source, (0.0, 0.0, 0.0, 0.0))
+        m = self.config.calibration_prior
+        accepted = (hits + m * self.PRIOR_ACCEPTED) / (count + m)
+        typical_len = min(max_tokens, (length + m * max_tokens) / (count + m))
+        # A verify step's fixed cost is shared by the batch's drafts.
+        cost_ms = c / batch_size + b * typical_len + self._draft_ms.get(source, 0.0) / batch_size
+        return accepted * token_ms > cost_ms
 
     def _state(self, req_id: Hashable) -> _ReqState:
         st = self._reqs.get(req_id)
@@ -181,7 +218,7 @@ class Router:
         for i, (rid, d) in enumerate(zip(req_ids, drafts)):
             if not len(d):
                 continue
-            k = self.calibration(rid)
+            k = self.calibration(rid, d.source)
             d = d.pruned(theta / k) if theta > 0.0 else d
             d = d.truncated(cfg.max_draft_tokens)
             expected = k * float(d.probs.sum())
@@ -196,7 +233,7 @@ class Router:
                 continue
             if len(d) > budget:
                 d = out[i] = d.truncated(budget)
-                values[i] = self.calibration(req_ids[i]) * float(d.probs.sum())
+                values[i] = self.calibration(req_ids[i], d.source) * float(d.probs.sum())
             budget -= len(d)
         if cfg.cost_aware:
             gain = sum(v for v, d in zip(values, out) if len(d))
@@ -208,10 +245,13 @@ class Router:
             if len(d) == 0:
                 st.plain_steps += 1
                 st.skip -= 1
+                for c in st.calib.values():
+                    for j in range(4):
+                        c[j] *= self.RECOVERY_DECAY
         return out
 
     def observe(self, req_id: Hashable, drafted: int, accepted: int,
-                expected: Optional[float] = None) -> None:
+                expected: Optional[float] = None, source: str = "suffix") -> None:
         """Record a verify outcome (expected = the drafter's uncalibrated expected accepted length of
         the verified draft, the sum of its path probabilities); a draft with nothing accepted
         doubles the backoff."""
@@ -222,8 +262,9 @@ class Router:
         st.drafted += drafted
         st.accepted += accepted
         if expected is not None:
-            st.expected = self.CALIBRATION_DECAY * st.expected + expected
-            st.hits = self.CALIBRATION_DECAY * st.hits + accepted
+            c = st.calib.setdefault(source, [0.0, 0.0, 0.0, 0.0])  # expected, hits, drafts, tokens
+            for j, x in enumerate((expected, accepted, 1.0, drafted)):
+                c[j] = self.CALIBRATION_DECAY * c[j] + x
         if accepted == 0:
             st.penalty = min(max(1, 2 * st.penalty), self.config.backoff_steps)
             st.skip = st.penalty

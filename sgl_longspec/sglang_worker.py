@@ -101,6 +101,51 @@ def _attention_ms() -> dict:
     return {f"attention_{mode}_ms": ms for mode, ms in ATTENTION_MS.items()}
 
 
+_PROFILE_DIR = os.environ.get("LONGSPEC_TORCH_PROFILE_DIR")
+_profiled: dict[str, int] = {}
+
+
+def _maybe_torch_profile(kind: str, steps: int = 20):
+    """With LONGSPEC_TORCH_PROFILE_DIR set, the torch profiler runs over the first `steps` forwards
+    of each kind (after 5 warm-up ones) and writes its operator table there (profiling only)."""
+    import contextlib
+
+    n = _profiled.get(kind, 0)
+    _profiled[kind] = n + 1
+    if not _PROFILE_DIR or not 5 <= n < 5 + steps:
+        return contextlib.nullcontext()
+    return _ProfileOnce(kind, n == 5 + steps - 1)
+
+
+class _ProfileOnce:
+    _acc: dict = {}
+
+    def __init__(self, kind: str, last: bool):
+        self.kind, self.last = kind, last
+
+    def __enter__(self):
+        from torch.profiler import ProfilerActivity, profile
+
+        self.prof = profile(activities=[ProfilerActivity.CPU])
+        self.prof.__enter__()
+
+    def __exit__(self, *exc):
+        self.prof.__exit__(*exc)
+        rows = _ProfileOnce._acc.setdefault(self.kind, {})
+        for e in self.prof.key_averages():
+            r = rows.setdefault(e.key, [0, 0.0])
+            r[0] += e.count
+            r[1] += e.self_cpu_time_total / 1e3
+        if self.last:
+            top = sorted(rows.items(), key=lambda kv: -kv[1][1])[:40]
+            Path(_PROFILE_DIR).mkdir(parents=True, exist_ok=True)
+            with open(Path(_PROFILE_DIR) / f"{self.kind}.txt", "w") as f:
+                f.write(f"{'op':60s} {'calls':>8s} {'self ms':>10s}\n")
+                for k, (c, ms) in top:
+                    f.write(f"{k[:60]:60s} {c:8d} {ms:10.1f}\n")
+        return False
+
+
 def _worker_base():
     from sglang.srt.speculative.base_spec_worker import BaseSpecWorker
 
@@ -162,7 +207,7 @@ class LongSpecWorker(_worker_base()):
         self.drafter = self._load_drafter()
         self._hidden: dict[str, torch.Tensor] = {}  # rid -> target hidden state that produced the root
         # Optional JSON snapshot of the worker's state after every decode step (tests, debugging).
-        self.stats_file = os.environ.get("SGL_LONGSPEC_STATS_FILE") or None
+        self.stats_file = os.environ.get("LONGSPEC_STATS_FILE") or None
         logger.info("LONGSPEC worker: window=%d config=%s", self.window, cfg)
 
     def _load_drafter(self):
@@ -356,7 +401,7 @@ class LongSpecWorker(_worker_base()):
             if rid not in self._drafting_disabled and self.router.wants_draft(rid):
                 remaining = req.sampling_params.max_new_tokens - len(req.output_ids)
                 budget = min(cfg.max_spec_tokens, self.window - 1, max(remaining - 1, 0))
-                if budget > 0:
+                if budget > 0 and self.router.wants_source(rid, "suffix", len(batch.reqs), budget):
                     try:
                         d = self.index.speculate(rid, max_spec_tokens=budget, max_tree_nodes=budget)
                     except Exception:
@@ -375,11 +420,15 @@ class LongSpecWorker(_worker_base()):
         out: list[Optional[Draft]] = [None] * len(suffix_drafts)
         if self.drafter is None:
             return out
+        bs = len(batch.reqs)
         rows = [b for b, (d, budget) in enumerate(zip(suffix_drafts, budgets))
                 if budget > 0 and d.score < self.config.howl_threshold
-                and batch.reqs[b].rid in self._hidden]
+                and batch.reqs[b].rid in self._hidden
+                and self.router.wants_source(batch.reqs[b].rid, "owl", bs,
+                                             min(budget, self.config.owl_max_nodes))]
         if not rows:
             return out
+        t0 = time.perf_counter()
         try:
             hidden = torch.stack([self._hidden[batch.reqs[b].rid] for b in rows]).to(
                 self.drafter.embedding_weight.dtype)
@@ -391,6 +440,7 @@ class LongSpecWorker(_worker_base()):
             logger.exception("LONGSPEC: OWL drafter failed; continuing with suffix drafts only")
             self.drafter = None
             return out
+        self.router.observe_draft_cost("owl", 1e3 * (time.perf_counter() - t0))
         for b, tree in zip(rows, trees):
             out[b] = tree.truncated(budgets[b])
         return out
@@ -526,8 +576,10 @@ class LongSpecWorker(_worker_base()):
         batch.seq_lens_sum = (seq_lens_sum + bs) if seq_lens_sum is not None else None
         batch.spec_info = None
         try:
-            res = self.target_worker.forward_batch_generation(
-                batch, pp_proxy_tensors=pp_proxy_tensors, capture_hidden_mode=self._capture_mode(False))
+            with _maybe_torch_profile("plain"):
+                res = self.target_worker.forward_batch_generation(
+                    batch, pp_proxy_tensors=pp_proxy_tensors,
+                    capture_hidden_mode=self._capture_mode(False))
         finally:
             batch.seq_lens, batch.seq_lens_cpu, batch.seq_lens_sum = seq_lens, seq_lens_cpu, seq_lens_sum
         self._store_hidden(batch, res.logits_output.hidden_states)
@@ -567,9 +619,10 @@ class LongSpecWorker(_worker_base()):
         batch.out_cache_loc = torch.cat(locs)
         batch.spec_info = verify_cls(tree_masks=masks, positions=positions, draft_token_num=n)
         t0 = time.perf_counter()
-        res = self.target_worker.forward_batch_generation(
-            batch, pp_proxy_tensors=pp_proxy_tensors, is_verify=True,
-            capture_hidden_mode=self._capture_mode(True))
+        with _maybe_torch_profile("verify"):
+            res = self.target_worker.forward_batch_generation(
+                batch, pp_proxy_tensors=pp_proxy_tensors, is_verify=True,
+                capture_hidden_mode=self._capture_mode(True))
         logits = res.logits_output.next_token_logits
         self.totals["verify_forward_ms"] += 1e3 * (time.perf_counter() - t0)
         self.totals["verify_tokens"] += len(ids)
@@ -598,7 +651,8 @@ class LongSpecWorker(_worker_base()):
                 [b * n + s for s in r.accepted_slots], dtype=torch.int32)
             accept_lens_list.append(len(toks))
             self.router.observe(batch.reqs[b].rid, len(drafts[b]), r.num_accepted,
-                                expected=float(drafts[b].probs.sum()) if len(drafts[b]) else None)
+                                expected=float(drafts[b].probs.sum()) if len(drafts[b]) else None,
+                                source=drafts[b].source)
             self.totals["drafted"] += len(drafts[b])
             self.totals["accepted"] += r.num_accepted
         accept_lens = torch.tensor(accept_lens_list, dtype=torch.int32, device=self.device)

@@ -33,7 +33,7 @@ server), ``log_path`` (stdout+stderr of the server), ``args``, ``port``, ``model
 ``generate(**payload)`` (POST /generate), ``openai_client()`` (``openai.OpenAI`` on ``/v1``),
 ``log_tail(n)``, ``alive()``.
 
-At most ``SGL_LONGSPEC_TEST_MAX_SERVERS`` (default 1) servers run at once: asking for another
+At most ``LONGSPEC_TEST_MAX_SERVERS`` (default 1) servers run at once: asking for another
 configuration stops the least recently used one (it is restarted if asked for again). Order tests
 so that each configuration's tests run together. All servers are stopped right after the last
 collected test that uses ``server_pool`` (directly or through ``launch_server``, ``server``,
@@ -41,8 +41,8 @@ collected test that uses ``server_pool`` (directly or through ``launch_server``,
 of that server's log is attached to the failure report ("server log" section). A server that fails
 to start fails the test with its log tail in the message.
 
-Environment knobs: SGL_LONGSPEC_TEST_MAX_SERVERS, SGL_LONGSPEC_TEST_STARTUP_TIMEOUT (seconds,
-default 900: the machine is shared), SGL_LONGSPEC_TEST_LOG_LINES (default 150).
+Environment knobs: LONGSPEC_TEST_MAX_SERVERS, LONGSPEC_TEST_STARTUP_TIMEOUT (seconds,
+default 900: the machine is shared), LONGSPEC_TEST_LOG_LINES (default 150).
 Server tests carry the ``server`` marker (``-m "not server"`` skips them); they are skipped when
 sglang is not installed.
 """
@@ -70,9 +70,9 @@ NGRAM_ARGS: tuple[str, ...] = (
 )
 
 HOST = "127.0.0.1"
-MAX_SERVERS = int(os.environ.get("SGL_LONGSPEC_TEST_MAX_SERVERS", "1"))
-STARTUP_TIMEOUT = float(os.environ.get("SGL_LONGSPEC_TEST_STARTUP_TIMEOUT", "900"))
-LOG_LINES = int(os.environ.get("SGL_LONGSPEC_TEST_LOG_LINES", "150"))
+MAX_SERVERS = int(os.environ.get("LONGSPEC_TEST_MAX_SERVERS", "1"))
+STARTUP_TIMEOUT = float(os.environ.get("LONGSPEC_TEST_STARTUP_TIMEOUT", "900"))
+LOG_LINES = int(os.environ.get("LONGSPEC_TEST_LOG_LINES", "150"))
 REQUEST_TIMEOUT = 900  # seconds per HTTP request; generous because the machine is shared
 
 

@@ -3,7 +3,7 @@
 Greedy identity is checked token for token against the same server build without speculation, in
 float32 (the CPU default). Sampling is checked statistically (two-sample chi-square on the joint
 distribution of the first generated tokens, fixed seeds). The worker's state is read from the JSON
-snapshot it writes when SGL_LONGSPEC_STATS_FILE is set.
+snapshot it writes when LONGSPEC_STATS_FILE is set.
 """
 
 from __future__ import annotations
@@ -163,12 +163,22 @@ def test_router_stops_speculating_when_it_does_not_pay():
     for _ in range(20):  # a = 20 ms, b = 4 ms per token: a draft token needs p >= 4/24
         r.observe_step(1, 24.0, verify=False)
         r.observe_step(9, 20 + 4 * 9 + 2, verify=True)
-    overconfident = Draft.chain([1, 2, 3, 4], probs=[0.9, 0.8, 0.7, 0.6])
+    overconfident = Draft.chain([1, 2, 3, 4], probs=[0.9, 0.8, 0.7, 0.6], source="suffix")
     for _ in range(10):
         r.observe("chat", drafted=4, accepted=0, expected=3.0)
         r.observe("copy", drafted=4, accepted=4, expected=3.0)
     out = r.plan_batch(["chat", "copy"], [overconfident, overconfident])
     assert len(out[0]) == 0 and len(out[1]) == 4
+    # Drafting itself stops for the over-confident request (nothing it drafts could pay) ...
+    assert not r.wants_source("chat", "suffix", 2, 4) and r.wants_source("copy", "suffix", 2, 4)
+    # ... a costly model drafter needs a better record than the cheap suffix index ...
+    r.observe_draft_cost("owl", 200.0)  # ms per call, ~8 plain steps' worth
+    r.observe("copy", drafted=4, accepted=4, expected=3.0, source="owl")
+    assert not r.wants_source("copy", "owl", 2, 4)
+    # ... and plain steps let the evidence fade, so drafting is tried again later.
+    for _ in range(100):
+        r.plan_batch(["chat"], [Draft.empty()])
+    assert r.wants_source("chat", "suffix", 2, 4)
     # The same drafts with cost-awareness off: both verified.
     r.config.cost_aware = False
     out = r.plan_batch(["chat", "copy"], [overconfident, overconfident])
@@ -240,7 +250,7 @@ def stats_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def longspec(server_pool, plain_outputs, stats_path):
-    return server_pool.get(LONGSPEC_ARGS, env={"SGL_LONGSPEC_STATS_FILE": str(stats_path)})
+    return server_pool.get(LONGSPEC_ARGS, env={"LONGSPEC_STATS_FILE": str(stats_path)})
 
 
 def read_stats(path: Path) -> dict:

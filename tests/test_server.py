@@ -20,7 +20,7 @@ from conftest import NGRAM_ARGS, REQUEST_TIMEOUT
 
 pytestmark = pytest.mark.server
 
-MAX_NEW_TOKENS = int(os.environ.get("SGL_LONGSPEC_TEST_NEW_TOKENS", "48"))
+MAX_NEW_TOKENS = int(os.environ.get("LONGSPEC_TEST_NEW_TOKENS", "48"))
 
 # (kind, text): "chat" prompts go through the model's chat template, "raw" ones are plain text.
 # Several repeat text (lists, code, records) so that NGRAM drafts get accepted.

@@ -117,7 +117,7 @@ def build_data(args, model_path, tok, model) -> dict[str, list[dict]]:
         "max_new_tokens", "heldout_new_tokens", "temperature", "greedy_fraction", "seed", "target_dtype")}
     key = owl_data.data_key(model_path, settings)
     root = Path(args.data_dir) if args.data_dir else (
-        Path(os.environ.get("SGL_LONGSPEC_CACHE", Path.home() / ".cache" / "sgl_longspec"))
+        Path(os.environ.get("LONGSPEC_CACHE", Path.home() / ".cache" / "sgl_longspec"))
         / "owl-data" / key)
     root.mkdir(parents=True, exist_ok=True)
     (root / "settings.json").write_text(json.dumps({"model": str(model_path), **settings}, indent=2))

@@ -19,4 +19,4 @@ from sgl_longspec.cpu.ops import (  # noqa: F401
 )
 
 __version__ = "0.0.0+sgl_longspec_cpu_shim"
-SGL_LONGSPEC_CPU_SHIM = True
+LONGSPEC_CPU_SHIM = True
