@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from flashinfer_ext.reference import dense_tree_verify_attention, hybrid_tree_attention  # noqa: E402
+from flashinfer_ext.reference import (  # noqa: E402
+    dense_tree_verify_attention, hybrid_tree_attention, tree_mask_from_parents)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -38,12 +39,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def random_tree_mask(n: int, seed: int) -> torch.Tensor:
     rnd = random.Random(seed)
     parents = [-1] + [rnd.randrange(0, i) for i in range(1, n)]  # a tree rooted at node 0
-    m = torch.zeros(n, n, dtype=torch.bool)
-    for i, p in enumerate(parents):
-        if p >= 0:
-            m[i] = m[p]
-        m[i, i] = True
-    return m
+    return tree_mask_from_parents(parents)
 
 
 def sdpa_dense(q, kp, vp, kt, vt, tm, scale):

@@ -46,12 +46,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def tree_mask(n: int, rnd: random.Random) -> torch.Tensor:
     parents = [-1] + [rnd.randrange(0, i) for i in range(1, n)]
-    m = torch.zeros(n, n, dtype=torch.bool)
-    for i, p in enumerate(parents):
-        if p >= 0:
-            m[i] = m[p]
-        m[i, i] = True
-    return m
+    return ref.tree_mask_from_parents(parents)
 
 
 class Case:

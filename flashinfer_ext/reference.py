@@ -334,6 +334,17 @@ def hybrid_tree_attention(q: Tensor, k_prefix: Tensor, v_prefix: Tensor, k_tree:
     return (out, lse) if return_lse else out
 
 
+def tree_mask_from_parents(parents) -> Tensor:
+    """Ancestor-or-self bool mask [n, n] of a tree in parents-first order (parents[i] in [-1, i-1])."""
+    n = len(parents)
+    m = torch.zeros(n, n, dtype=torch.bool)
+    for i, p in enumerate(parents):
+        if p >= 0:
+            m[i] = m[p]
+        m[i, i] = True
+    return m
+
+
 def _as_list(x) -> list:
     if isinstance(x, Tensor):
         return x.tolist()

@@ -165,7 +165,50 @@ def _verify_input_cls():
             self.tree_masks = tree_masks  # list of [1 + n_i, 1 + n_i] bool
             self.device = positions.device
 
+        # Ragged widths: a fixed-shape CUDA graph cannot replay this step.
+        cuda_graph_compatible = False
+
+        def generate_attn_arg_prefill(self, *, req_pool_indices, paged_kernel_lens,
+                                      paged_kernel_lens_sum, translator, plan, kind=None, **_):
+            """FlashInfer's ragged custom-mask verify arguments (the GPU flashinfer backend calls
+            this): request i verifies q_i = 1 + n_i tokens over its committed prefix plus those
+            tokens, with the mask [ones(q_i, prefix_i) | tree_mask_i] packed row-major."""
+            kv_indices, kv_indptr, qo_indptr, mask = ragged_verify_args(
+                self.tree_masks, paged_kernel_lens, self.device)
+            fill = dict(plan=plan, req_pool_indices=req_pool_indices,
+                        seq_lens=paged_kernel_lens + (qo_indptr[1:] - qo_indptr[:-1]),
+                        indptr=kv_indptr, out=kv_indices)
+            if kind is not None:
+                fill["kind"] = kind
+            translator.pack_read_stream(**fill)
+            self.qo_indptr = qo_indptr
+            return kv_indices, kv_indptr, qo_indptr, mask
+
     return LongSpecVerifyInput
+
+
+def ragged_verify_args(tree_masks, prefix_lens: torch.Tensor, device):
+    """(kv_indices buffer, kv_indptr, qo_indptr, packed custom mask) of a ragged verify batch.
+
+    tree_masks[i]: [q_i, q_i] bool (root + draft); prefix_lens [bs]: committed tokens per request.
+    The kv_indices buffer is allocated (int32, sum(prefix_i + q_i)) and left for the caller to fill.
+    """
+    q_lens = torch.tensor([m.shape[0] for m in tree_masks], dtype=torch.int32, device=device)
+    prefix_lens = prefix_lens.to(device=device, dtype=torch.int32)
+    kv_lens = prefix_lens + q_lens
+    bs = len(tree_masks)
+    qo_indptr = torch.zeros(bs + 1, dtype=torch.int32, device=device)
+    qo_indptr[1:] = torch.cumsum(q_lens, 0)
+    kv_indptr = torch.zeros(bs + 1, dtype=torch.int32, device=device)
+    kv_indptr[1:] = torch.cumsum(kv_lens, 0)
+    rows = []
+    for m, p in zip(tree_masks, prefix_lens.tolist()):
+        m = m.to(device=device, dtype=torch.bool)
+        rows.append(torch.cat([torch.ones(m.shape[0], p, dtype=torch.bool, device=device), m], 1)
+                    .reshape(-1))
+    mask = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.bool, device=device)
+    kv_indices = torch.empty(int(kv_indptr[-1]), dtype=torch.int32, device=device)
+    return kv_indices, kv_indptr, qo_indptr, mask
 
 
 class LongSpecWorker(_worker_base()):

@@ -27,6 +27,7 @@ from flashinfer_ext.reference import (
     lse_to_base2,
     merge_attention_states,
     merge_attention_states_many,
+    tree_mask_from_parents,
 )
 
 TOL = {
@@ -52,17 +53,6 @@ def naive_attention(q, k, v, sm_scale, mask=None):
     lse = torch.logsumexp(s, dim=-1)  # -inf for empty rows
     p = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(0.0)
     return torch.einsum("hqk,khd->qhd", p, vv), lse.transpose(0, 1)
-
-
-def tree_mask_from_parents(parents):
-    """Ancestor-or-self mask for parents-first node order (parents[i] in [-1, i-1])."""
-    n = len(parents)
-    m = torch.zeros(n, n, dtype=torch.bool)
-    for i, p in enumerate(parents):
-        if p >= 0:
-            m[i] = m[p]
-        m[i, i] = True
-    return m
 
 
 def make_parents(kind, n, rnd):

@@ -54,13 +54,7 @@ TOL = {
 
 
 def tree_mask(parents):
-    n = len(parents)
-    m = torch.zeros(n, n, dtype=torch.bool)
-    for i, p in enumerate(parents):
-        if p >= 0:
-            m[i] = m[p]
-        m[i, i] = True
-    return m
+    return ref.tree_mask_from_parents(parents)
 
 
 def parents_of(kind, n, rnd):

@@ -185,6 +185,81 @@ def test_router_stops_speculating_when_it_does_not_pay():
     assert len(out[0]) == 4 and len(out[1]) == 4
 
 
+def test_ragged_verify_args_equal_hybrid_attention():
+    """The FlashInfer custom-mask arguments of a ragged LONGSPEC verify batch (the GPU dense-mask
+    path) give the same attention as the hybrid prefix + tree decomposition."""
+    import torch
+
+    from flashinfer_ext.reference import attention_with_lse, hybrid_tree_attention
+    from sgl_longspec.sglang_worker import ragged_verify_args
+
+    g = torch.Generator().manual_seed(0)
+    drafts = [Draft.empty(), Draft.chain([1, 2, 3]), Draft([4, 5, 6, 7], [-1, -1, 0, 1])]
+    masks = [torch.from_numpy(d.tree_mask(include_root=True)) for d in drafts]
+    prefix = torch.tensor([5, 0, 9])
+    kv_idx, kv_indptr, qo_indptr, packed = ragged_verify_args(masks, prefix, "cpu")
+    assert qo_indptr.tolist() == [0, 1, 5, 10]
+    assert kv_indptr.tolist() == [0, 6, 10, 24] and kv_idx.numel() == 24
+    hq, hkv, d = 4, 2, 16
+    off = 0
+    for i, m in enumerate(masks):
+        q_len, p = m.shape[0], int(prefix[i])
+        mask = packed[off: off + q_len * (p + q_len)].view(q_len, p + q_len)
+        off += q_len * (p + q_len)
+        q = torch.randn(q_len, hq, d, generator=g)
+        k = torch.randn(p + q_len, hkv, d, generator=g)
+        v = torch.randn(p + q_len, hkv, d, generator=g)
+        dense, _ = attention_with_lse(q, k, v, mask=mask)
+        hybrid = hybrid_tree_attention(q, k[:p], v[:p], k[p:], v[p:], m)
+        torch.testing.assert_close(dense, hybrid, rtol=1e-5, atol=1e-5)
+    assert off == packed.numel()
+
+
+def test_gpu_hybrid_plan_args_match_reference():
+    """The plan metadata the GPU backend builds from SGLang's req_to_token table, run through
+    HybridTreeVerifyWrapper (torch path here; Triton/FlashInfer on GPU), equals per-request hybrid
+    attention; and the plugin's registry hook wraps `flashinfer` once, for LONGSPEC only."""
+    import torch
+
+    from flashinfer_ext.reference import hybrid_tree_attention
+    from flashinfer_ext.wrapper import HybridTreeVerifyWrapper
+    from sgl_longspec.gpu_attention import hybrid_verify_plan_args, register_gpu_backend
+
+    g = torch.Generator().manual_seed(1)
+    drafts = [Draft.chain([1, 2]), Draft.empty(), Draft([4, 5, 6], [-1, -1, 1])]
+    masks = [torch.from_numpy(d.tree_mask(include_root=True)) for d in drafts]
+    seq_lens, rows = [7, 3, 12], [2, 0, 1]
+    slots = torch.randperm(64, generator=g).to(torch.int32)
+    req_to_token = slots[:3 * 20].view(3, 20)
+    args = hybrid_verify_plan_args(masks, seq_lens, rows, req_to_token)
+    hq, hkv, d = 4, 2, 8
+    k_cache = torch.randn(64, hkv, d, generator=g)
+    v_cache = torch.randn(64, hkv, d, generator=g)
+    q = torch.randn(int(args["qo_indptr"][-1]), hq, d, generator=g)
+    w = HybridTreeVerifyWrapper()
+    w.plan(**args, num_qo_heads=hq, num_kv_heads=hkv, head_dim=d, q_data_type=torch.float32)
+    out = w.run(q, (k_cache, v_cache))
+    start = 0
+    for m, s, r in zip(masks, seq_lens, rows):
+        n = m.shape[0]
+        pre, tree = req_to_token[r, :s].long(), req_to_token[r, s:s + n].long()
+        ref = hybrid_tree_attention(q[start:start + n], k_cache[pre], v_cache[pre],
+                                    k_cache[tree], v_cache[tree], m)
+        torch.testing.assert_close(out[start:start + n], ref, rtol=1e-5, atol=1e-5)
+        start += n
+
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+
+    original = ATTENTION_BACKENDS["flashinfer"]
+    try:
+        register_gpu_backend()
+        register_gpu_backend()
+        wrapped = ATTENTION_BACKENDS["flashinfer"]
+        assert getattr(wrapped, "_longspec", False) and wrapped is not original
+    finally:
+        ATTENTION_BACKENDS["flashinfer"] = original
+
+
 def test_router_backoff_after_rejections():
     r = Router(RouterConfig(backoff_steps=4))
     r.observe("a", drafted=5, accepted=0)

@@ -1,0 +1,135 @@
+"""GPU attention for LONGSPEC's verify pass: SGLang's FlashInfer backend + hybrid tree attention.
+
+Everything (prefill, decode, other algorithms' verify) goes to SGLang's own FlashInfer backend.
+Only a LONGSPEC TARGET_VERIFY step (a spec_info carrying ragged `tree_masks`) takes the hybrid path
+of `flashinfer_ext.HybridTreeVerifyWrapper`: each request's committed prefix through FlashInfer's
+paged kernel without a mask, its draft tree through the Triton tree kernel under the tree mask,
+merged by log-sum-exp (the same math as the CPU backend, `flashinfer_ext.reference`).
+
+Wired in like the CPU backend: the plugin wraps SGLang's `flashinfer` entry of the attention
+registry, so a LONGSPEC server on CUDA with the default (or an explicit `flashinfer`) backend gets
+this subclass; every other algorithm gets SGLang's own backend untouched. Set
+LONGSPEC_DENSE_VERIFY=1 to keep the stock backend for LONGSPEC too: it verifies the drafts through
+the dense custom mask of LongSpecVerifyInput.generate_attn_arg_prefill (the baseline of the
+benchmark).
+
+Not run on CI (no GPU there): the kernels are tested against the reference under the Triton
+interpreter (tests/test_attention_triton.py); this glue needs a GPU session (issue 7).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+logger = logging.getLogger("sgl_longspec")
+
+BACKEND_NAME = "flashinfer"  # the registry entry this module extends
+
+
+def hybrid_verify_plan_args(tree_masks, seq_lens_cpu: list[int], req_pool_indices: list[int],
+                            req_to_token: torch.Tensor) -> dict:
+    """The index metadata of HybridTreeVerifyWrapper.plan for one ragged verify batch.
+
+    Request i verifies q_i = tree_masks[i].shape[0] tokens whose KV the worker wrote to the first q_i
+    slots after its committed prefix (req_to_token[r, s_i : s_i + q_i]).
+    """
+    q_lens = [int(m.shape[0]) for m in tree_masks]
+    dev = req_to_token.device
+    prefix = [req_to_token[r, :s] for r, s in zip(req_pool_indices, seq_lens_cpu)]
+    tree = [req_to_token[r, s:s + q] for r, s, q in zip(req_pool_indices, seq_lens_cpu, q_lens)]
+
+    def indptr(lens):
+        out = [0]
+        for n in lens:
+            out.append(out[-1] + n)
+        return torch.tensor(out, dtype=torch.int32, device=dev)
+
+    empty = torch.zeros(0, dtype=torch.int32, device=dev)
+    return dict(
+        qo_indptr=indptr(q_lens),
+        prefix_kv_indptr=indptr(seq_lens_cpu),
+        prefix_kv_indices=torch.cat(prefix).to(torch.int32) if prefix else empty,
+        tree_kv_indices=torch.cat(tree).to(torch.int32) if tree else empty,
+        tree_mask_flat=torch.cat([m.reshape(-1) for m in tree_masks]).to(dev, torch.bool),
+        tree_mask_indptr=indptr([q * q for q in q_lens]),
+    )
+
+
+def register_gpu_backend() -> None:
+    """Wrap SGLang's `flashinfer` attention factory (idempotent): LONGSPEC servers get the hybrid
+    verify subclass, everything else SGLang's own backend."""
+    import os
+
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+
+    original = ATTENTION_BACKENDS.get(BACKEND_NAME)
+    if original is None or getattr(original, "_longspec", False):
+        return
+
+    def create(runner):
+        from sglang.srt.runtime_context import get_spec
+
+        algo = str(getattr(get_spec(), "speculative_algorithm", "") or "")
+        if (runner.use_mla_backend or "LONGSPEC" not in algo.upper()
+                or os.environ.get("LONGSPEC_DENSE_VERIFY") == "1"):
+            return original(runner)
+        return _backend_class()(runner, init_new_workspace=runner.init_new_workspace)
+
+    create._longspec = True
+    ATTENTION_BACKENDS[BACKEND_NAME] = create
+
+
+def _backend_class():
+    from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
+    from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+
+    from flashinfer_ext.wrapper import HybridTreeVerifyWrapper
+
+    class LongSpecFlashInferAttnBackend(FlashInferAttnBackend):
+        def __init__(self, model_runner, **kw):
+            super().__init__(model_runner, **kw)
+            self._hybrid = HybridTreeVerifyWrapper(device=model_runner.device)
+            self._hybrid_args = None  # plan metadata of the current LONGSPEC verify step
+            self._hybrid_key = None  # (heads, kv heads, dim, scale, dtype) it was planned for
+
+        def init_forward_metadata(self, forward_batch):
+            spec = forward_batch.spec_info
+            if (forward_batch.forward_mode.is_target_verify()
+                    and getattr(spec, "tree_masks", None) is not None
+                    and not self.use_sliding_window_kv_pool):
+                seq_lens = forward_batch.seq_lens_cpu
+                seq_lens = (seq_lens if seq_lens is not None else forward_batch.seq_lens).tolist()
+                self._hybrid_args = hybrid_verify_plan_args(
+                    spec.tree_masks, seq_lens, forward_batch.req_pool_indices.tolist(),
+                    self.req_to_token_pool.req_to_token)
+                self._hybrid_key = None
+                return
+            self._hybrid_args = None
+            super().init_forward_metadata(forward_batch)
+
+        def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
+            if self._hybrid_args is None:
+                return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
+            if layer.logit_cap or layer.is_cross_attention:
+                raise NotImplementedError(f"{BACKEND_NAME}: logit soft-capping / cross-attention "
+                                          "layers are not supported in the hybrid verify path")
+            if save_kv_cache and k is not None and v is not None:
+                self.token_to_kv_pool.set_kv_buffer(
+                    layer, KVWriteLoc.for_layer(forward_batch, layer, swa_loc=None), k, v)
+            hq, hkv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
+            key = (hq, hkv, d, float(layer.scaling), q.dtype)
+            if key != self._hybrid_key:  # once per step (all layers share the key in practice)
+                kv_dtype = self.token_to_kv_pool.get_key_buffer(layer.layer_id).dtype
+                self._hybrid.plan(**self._hybrid_args, num_qo_heads=hq, num_kv_heads=hkv,
+                                  head_dim=d, sm_scale=layer.scaling, q_data_type=q.dtype,
+                                  kv_data_type=kv_dtype)
+                self._hybrid_key = key
+            out = self._hybrid.run(
+                q.reshape(-1, hq, d),
+                (self.token_to_kv_pool.get_key_buffer(layer.layer_id),
+                 self.token_to_kv_pool.get_value_buffer(layer.layer_id)))
+            return out.reshape(-1, hq * layer.v_head_dim)
+
+    return LongSpecFlashInferAttnBackend
