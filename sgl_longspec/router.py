@@ -181,7 +181,9 @@ class Router:
         _, hits, count, length = self._state(req_id).calib.get(source, (0.0, 0.0, 0.0, 0.0))
         m = self.config.calibration_prior
         accepted = (hits + m * self.PRIOR_ACCEPTED) / (count + m)
-        typical_len = min(max_tokens, (length + m * max_tokens) / (count + m))
+        # Prior: drafts of PRIOR_ACCEPTED tokens, all accepted (the pruning in plan_batch keeps
+        # a draft to the tokens that pay, so the record, not max_tokens, says what a draft costs).
+        typical_len = min(max_tokens, (length + m * self.PRIOR_ACCEPTED) / (count + m))
         # A verify step's fixed cost is shared by the batch's drafts.
         cost_ms = c / batch_size + b * typical_len + self._draft_ms.get(source, 0.0) / batch_size
         return accepted * token_ms > cost_ms
