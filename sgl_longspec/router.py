@@ -7,7 +7,8 @@ worth verifying only when its expected accepted length pays for it. The router t
 - a cost model of the step itself (StepCostModel: time = a + b * tokens + c * is_verify, fitted
   online from the worker's own step timings), which gives the path probability below which a draft
   token costs more than it is expected to save;
-- a per-request, per-drafter record (accepted / expected, accepted per draft), which calibrates the
+- a per-request, per-drafter record (accepted / expected, accepted per draft), shrunk towards the
+  drafter's server-wide record, which calibrates the
   drafters' probabilities and decides whether drafting is worth calling at all: a request whose
   drafts do not pay for the verify step and the drafter's own time (chat, for instance) stops
   drafting, and tries again once that evidence has faded;
@@ -147,15 +148,30 @@ class Router:
 
     CALIBRATION_DECAY = 0.9  # per verify step of a source: recent drafts count more
     RECOVERY_DECAY = 0.95  # per step without a draft: evidence fades, so drafting is tried again
-    PRIOR_ACCEPTED = 2.0  # accepted tokens per draft believed before a request's own record
+    GLOBAL_DECAY = 0.98  # per verify observation: the server-wide record of each drafter
+    GLOBAL_FADE = 0.998  # per request step without a draft
+    PRIOR_ACCEPTED = 2.0  # accepted tokens per draft believed before any record exists
     _draft_ms: dict = field(default_factory=dict)  # source -> EMA of one drafting call (ms)
+    # source -> decayed [expected, accepted, drafts, draft tokens] over all requests: the prior of
+    # a request's own record (hierarchical), so that on chat traffic a new request starts as
+    # skeptical as its predecessors ended, and on copy traffic as confident.
+    _global: dict = field(default_factory=dict)
+
+    def _prior(self, source: str) -> tuple[float, float, float]:
+        """(calibration, accepted per draft, tokens per draft) believed for a new request."""
+        e, h, n, l = self._global.get(source, (0.0, 0.0, 0.0, 0.0))
+        k0 = min((h + 1.0) / (e + 1.0), 1.5)
+        accepted = (h + self.PRIOR_ACCEPTED) / (n + 1.0)
+        length = (l + self.PRIOR_ACCEPTED) / (n + 1.0)
+        return k0, accepted, length
 
     def calibration(self, req_id: Hashable, source: str = "suffix") -> float:
         """Factor on a drafter's path probabilities for this request: accepted / expected over its
-        recent verify steps, starting from 1 (believe the drafter) with a small prior weight."""
+        recent verify steps, shrunk towards the drafter's server-wide calibration."""
         e, h, _, _ = self._state(req_id).calib.get(source, (0.0, 0.0, 0.0, 0.0))
         m = self.config.calibration_prior
-        return min((h + m) / (e + m), 1.5)
+        k0, _, _ = self._prior(source)
+        return min((h + m * k0) / (e + m), 1.5)
 
     def observe_step(self, tokens: int, ms: float, verify: bool) -> None:
         """Feed the step cost model with one forward step's size and wall time."""
@@ -180,10 +196,10 @@ class Router:
         token_ms = self.cost.plain_ms_per_token(batch_size)
         _, hits, count, length = self._state(req_id).calib.get(source, (0.0, 0.0, 0.0, 0.0))
         m = self.config.calibration_prior
-        accepted = (hits + m * self.PRIOR_ACCEPTED) / (count + m)
-        # Prior: drafts of PRIOR_ACCEPTED tokens, all accepted (the pruning in plan_batch keeps
-        # a draft to the tokens that pay, so the record, not max_tokens, says what a draft costs).
-        typical_len = min(max_tokens, (length + m * self.PRIOR_ACCEPTED) / (count + m))
+        _, prior_accepted, prior_len = self._prior(source)
+        accepted = (hits + m * prior_accepted) / (count + m)
+        # The record (pruned drafts, as verified), not max_tokens, says what a draft costs.
+        typical_len = min(max_tokens, (length + m * prior_len) / (count + m))
         # A verify step's fixed cost is shared by the batch's drafts.
         cost_ms = c / batch_size + b * typical_len + self._draft_ms.get(source, 0.0) / batch_size
         return accepted * token_ms > cost_ms
@@ -250,6 +266,9 @@ class Router:
                 for c in st.calib.values():
                     for j in range(4):
                         c[j] *= self.RECOVERY_DECAY
+                for g in self._global.values():  # so the server-wide record cannot lock drafting out
+                    for j in range(4):
+                        g[j] *= self.GLOBAL_FADE
         return out
 
     def observe(self, req_id: Hashable, drafted: int, accepted: int,
@@ -265,8 +284,10 @@ class Router:
         st.accepted += accepted
         if expected is not None:
             c = st.calib.setdefault(source, [0.0, 0.0, 0.0, 0.0])  # expected, hits, drafts, tokens
+            g = self._global.setdefault(source, [0.0, 0.0, 0.0, 0.0])
             for j, x in enumerate((expected, accepted, 1.0, drafted)):
                 c[j] = self.CALIBRATION_DECAY * c[j] + x
+                g[j] = self.GLOBAL_DECAY * g[j] + x
         if accepted == 0:
             st.penalty = min(max(1, 2 * st.penalty), self.config.backoff_steps)
             st.skip = st.penalty

@@ -181,6 +181,18 @@ def test_router_stops_speculating_when_it_does_not_pay():
     for _ in range(100):
         r.plan_batch(["chat"], [Draft.empty()])
     assert r.wants_source("chat", "suffix", 2, 4)
+    # The server-wide record is the prior of new requests: after chat-like failures only, a new
+    # request starts skeptical, and that record fades during plain steps too.
+    r2 = Router(RouterConfig(min_score=0.0, backoff_steps=0))
+    for _ in range(20):
+        r2.observe_step(1, 24.0, verify=False)
+        r2.observe_step(9, 20 + 4 * 9 + 2, verify=True)
+    for i in range(30):
+        r2.observe(f"chat{i}", drafted=6, accepted=0, expected=3.0)
+    assert not r2.wants_source("fresh", "suffix", 8, 15)
+    for _ in range(3000):
+        r2.plan_batch(["other"], [Draft.empty()])
+    assert r2.wants_source("fresh", "suffix", 8, 15)
     # The same drafts with cost-awareness off: both verified.
     r.config.cost_aware = False
     out = r.plan_batch(["chat", "copy"], [overconfident, overconfident])
