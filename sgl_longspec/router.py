@@ -118,8 +118,8 @@ class StepCostModel:
 
 @dataclass
 class _ReqState:
-    skip: int = 0  # steps left to decode plainly
-    penalty: int = 0  # current backoff length
+    skip: dict = field(default_factory=dict)  # source -> steps left without drafts from it
+    penalty: dict = field(default_factory=dict)  # source -> current backoff length
     drafted: int = 0
     accepted: int = 0
     steps: int = 0  # verify steps with a draft
@@ -188,7 +188,7 @@ class Router:
         got accepted (decayed mean per verified draft, optimistic prior) must exceed what a draft
         costs in output-token time: the verify path's fixed cost, its tokens, and the drafter's
         own time."""
-        if not self.wants_draft(req_id):
+        if not self.wants_draft(req_id, source):
             return False
         if not self.config.cost_aware or self.cost.params is None:
             return True
@@ -210,19 +210,27 @@ class Router:
             st = self._reqs[req_id] = _ReqState()
         return st
 
-    def wants_draft(self, req_id: Hashable) -> bool:
-        """False while the request is backed off (no drafting work at all)."""
-        return self._state(req_id).skip <= 0
+    def wants_draft(self, req_id: Hashable, source: Optional[str] = None) -> bool:
+        """False while the request is backed off for `source` (None: for every drafter), after
+        drafts from it were rejected outright."""
+        skip = self._state(req_id).skip
+        if source is not None:
+            return skip.get(source, 0) <= 0
+        return any(skip.get(src, 0) <= 0 for src in {"suffix", "owl", *skip})
 
-    def pick(self, suffix: Optional[Draft], model: Optional[Draft] = None) -> Draft:
-        """HOWL rule: the suffix chain when its score is high, else the model tree, else the better."""
+    def pick(self, suffix: Optional[Draft], model: Optional[Draft] = None,
+             req_id: Optional[Hashable] = None) -> Draft:
+        """HOWL rule: the suffix chain when its score is high, else the model tree, else the better
+        (scores calibrated by the request's record of each drafter when req_id is given)."""
         cfg = self.config
         if suffix is not None and len(suffix) and suffix.score >= cfg.howl_threshold:
             return suffix
         candidates = [d for d in (model, suffix) if d is not None and len(d)]
         if not candidates:
             return Draft.empty()
-        return max(candidates, key=lambda d: d.score)
+        if req_id is None:
+            return max(candidates, key=lambda d: d.score)
+        return max(candidates, key=lambda d: d.score * self.calibration(req_id, d.source))
 
     def plan_batch(self, req_ids: Sequence[Hashable], drafts: Sequence[Draft]) -> list[Draft]:
         """Choose what to verify this step: prune each draft to the tokens that pay for their cost,
@@ -260,9 +268,10 @@ class Router:
                 out = [Draft.empty()] * bs
         for rid, d in zip(req_ids, out):
             st = self._state(rid)
+            for src in st.skip:  # backoffs count decode steps, whichever drafter ran meanwhile
+                st.skip[src] -= 1
             if len(d) == 0:
                 st.plain_steps += 1
-                st.skip -= 1
                 for c in st.calib.values():
                     for j in range(4):
                         c[j] *= self.RECOVERY_DECAY
@@ -289,11 +298,11 @@ class Router:
                 c[j] = self.CALIBRATION_DECAY * c[j] + x
                 g[j] = self.GLOBAL_DECAY * g[j] + x
         if accepted == 0:
-            st.penalty = min(max(1, 2 * st.penalty), self.config.backoff_steps)
-            st.skip = st.penalty
+            st.penalty[source] = min(max(1, 2 * st.penalty.get(source, 0)), self.config.backoff_steps)
+            st.skip[source] = st.penalty[source]
         else:
-            st.penalty = 0
-            st.skip = 0
+            st.penalty[source] = 0
+            st.skip[source] = 0
 
     def stats(self, req_id: Hashable) -> RouterStats:
         st = self._state(req_id)

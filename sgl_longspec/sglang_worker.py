@@ -454,7 +454,8 @@ class LongSpecWorker(_worker_base()):
             suffix_drafts.append(d)
             budgets.append(budget)
         model_drafts = self._owl_drafts(batch, suffix_drafts, budgets)
-        picked = [self.router.pick(s, m) for s, m in zip(suffix_drafts, model_drafts)]
+        picked = [self.router.pick(s, m, r.rid)
+                  for s, m, r in zip(suffix_drafts, model_drafts, batch.reqs)]
         return self.router.plan_batch([r.rid for r in batch.reqs], picked)
 
     def _owl_drafts(self, batch, suffix_drafts, budgets) -> list[Optional[Draft]]:

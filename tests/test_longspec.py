@@ -277,16 +277,25 @@ def test_gpu_hybrid_plan_args_match_reference():
 def test_router_backoff_after_rejections():
     r = Router(RouterConfig(backoff_steps=4))
     r.observe("a", drafted=5, accepted=0)
-    assert not r.wants_draft("a")
+    assert not r.wants_draft("a", "suffix")
     r.plan_batch(["a"], [Draft.empty()])  # one plain step
-    assert r.wants_draft("a")
+    assert r.wants_draft("a", "suffix")
     r.observe("a", drafted=5, accepted=0)  # second failure: longer pause
     for _ in range(2):
-        assert not r.wants_draft("a")
+        assert not r.wants_draft("a", "suffix")
         r.plan_batch(["a"], [Draft.empty()])
-    assert r.wants_draft("a")
+    assert r.wants_draft("a", "suffix")
     r.observe("a", drafted=5, accepted=3)
-    assert r.wants_draft("a") and r.stats("a").accepted == 3
+    assert r.wants_draft("a", "suffix") and r.stats("a").accepted == 3
+
+
+def test_router_backoff_is_per_drafter():
+    """Rejected OWL drafts back off the OWL drafter only; the suffix index keeps drafting."""
+    r = Router(RouterConfig(backoff_steps=4))
+    r.observe("a", drafted=5, accepted=0, expected=2.0, source="owl")
+    assert not r.wants_draft("a", "owl") and r.wants_draft("a", "suffix") and r.wants_draft("a")
+    r.plan_batch(["a"], [Draft.chain([1, 2], source="suffix")])  # a decode step passes
+    assert r.wants_draft("a", "owl")
 
 
 def test_router_howl_pick():
