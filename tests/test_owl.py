@@ -344,3 +344,29 @@ def test_shipped_checkpoint_accepts_on_real_prompts():
     # the real drafts are valid trees rooted at the bonus token
     tree = drafter.draft_tree(h[:2].float(), x[:2, 0], top_k=8, max_nodes=40)
     assert all(0 < len(t) <= 40 for t in tree)
+
+
+# ------------------------------------------------------------- long-context training data (real)
+@pytest.mark.timeout(600)
+def test_long_text_sequences_and_chunked_recording():
+    """The long-context training split: exact lengths, disjoint from the evaluation's prompts, and
+    the chunked (KV-cache) recording equals one full forward pass."""
+    from sgl_longspec.owl import data as owl_data
+    from sgl_longspec.owl.evaluate import long_prompt_ids
+    from sgl_longspec.owl.train import load_target
+
+    _, tok, model = load_target(None, "cpu", "float32")
+    seqs = owl_data.long_text_sequences(tok, 4, 640, seed=0)
+    assert [k for k, _ in seqs] == ["long-chat", "long-code", "long-chat", "long-code"]
+    assert [len(ids) for _, ids in seqs] == [320, 320, 640, 640]
+    evals = {tuple(long_prompt_ids(tok, 640, i)) for i in range(2)}
+    assert not evals & {tuple(ids) for _, ids in seqs}
+    ids = seqs[0][1]
+    full = owl_data.record_text(model, [ids], "cpu", prefill_chunk=10**6)[0]
+    chunked = owl_data.record_text(model, [ids], "cpu", prefill_chunk=96)[0]
+    assert torch.equal(full["gen"], chunked["gen"])
+    assert full["gen"].tolist() == ids[1:]
+    assert len(chunked["hidden"]) == len(ids) - 1
+    torch.testing.assert_close(chunked["hidden"].float(), full["hidden"].float(), atol=2e-2, rtol=1e-2)
+    agree = (chunked["argmax"] == full["argmax"]).float().mean().item()
+    assert agree > 0.98, agree

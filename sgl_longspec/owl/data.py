@@ -314,6 +314,50 @@ def make_examples(samples: list[dict], n_predict: int, full_only: bool = False):
 
 
 # ------------------------------------------------------------------ teacher-forced real text
+SUMMARY_Q = "Summarize the conversations above in a few sentences."
+CODE_Q = "Explain what the last function in the code above does."
+
+
+def render_conversation(conv: list[dict]) -> str:
+    lines = []
+    for turn in conv:
+        who = "User" if turn.get("from") == "human" else "Assistant"
+        lines.append(f"{who}: {(turn.get('value') or '').strip()}")
+    return "\n".join(lines)
+
+
+def code_file_pieces(files: list[Path]) -> list[str]:
+    pieces = []
+    for p in files:
+        try:
+            pieces.append(f"# file: {p.name}\n" + p.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, OSError):
+            continue
+    return pieces
+
+
+def fit_context_ids(tok, pieces: list[str], question: str, n_tokens: int) -> list[int]:
+    """A templated user turn "<context>\n\n<question>" of exactly ``n_tokens`` tokens: the
+    context is the concatenated ``pieces`` cut from the front, so the end of the prompt is the
+    same whatever the length."""
+    overhead = len(chat_ids(tok, "\n\n" + question, 10**9))
+    budget = n_tokens - overhead
+    ctx_ids: list[int] = []
+    for piece in pieces:
+        ctx_ids.extend(tok(piece + "\n\n", add_special_tokens=False)["input_ids"])
+        if len(ctx_ids) >= budget + 64:
+            break
+    ids = chat_ids(tok, tok.decode(ctx_ids[-budget:]) + "\n\n" + question, 10**9)
+    # decode/encode is not exactly length-preserving: trim or pad the context to hit the target
+    for _ in range(4):
+        diff = len(ids) - n_tokens
+        if diff == 0:
+            break
+        budget -= diff
+        ids = chat_ids(tok, tok.decode(ctx_ids[-budget:]) + "\n\n" + question, 10**9)
+    return ids
+
+
 def site_packages_code_files(limit: int, seed: int = 0) -> list[Path]:
     """Python files of installed packages (not the stdlib, which the held-out sets use)."""
     root = Path(sysconfig.get_paths()["purelib"])
@@ -358,15 +402,47 @@ def text_sequences(tok, n_seqs: int, seq_len: int, seed: int = 0, skip_records: 
     return out
 
 
+def long_text_sequences(tok, n_seqs: int, seq_len: int, seed: int = 0, skip_records: int = 1700):
+    """Long templated prompts that put the target's hidden states deep into a long context, the
+    training counterpart of ``sgl_longspec.owl.evaluate.long_prompt_ids`` on disjoint data:
+    ShareGPT conversations from record ``skip_records`` on (the held-out and long-context sets use
+    the first 400, ``text_sequences`` records 1000 on) + a summary request, alternating with
+    installed packages' source (not the stdlib) + "explain the last function". Lengths alternate
+    between seq_len // 2 and seq_len tokens."""
+    convs = sharegpt_conversations(10**6)[skip_records:]
+    files = site_packages_code_files(400, seed + 1)
+    rng = random.Random(seed)
+    out = []
+    for i in range(n_seqs):
+        n = seq_len if (i // 2) % 2 else seq_len // 2
+        if i % 2 == 0 and convs:
+            rng.shuffle(convs)
+            pieces, q, kind = [render_conversation(c) for c in convs[:64]], SUMMARY_Q, "long-chat"
+        else:
+            rng.shuffle(files)
+            pieces, q, kind = code_file_pieces(files[:64]), CODE_Q, "long-code"
+        out.append((kind, fit_context_ids(tok, pieces, q, n)))
+    return out
+
+
 @torch.no_grad()
-def record_text(model, seqs: list[list[int]], device: str, head_chunk: int = 256) -> list[dict]:
+def record_text(model, seqs: list[list[int]], device: str, head_chunk: int = 256,
+                prefill_chunk: int = 1024) -> list[dict]:
     """One forward pass per batch (equal lengths): hidden[i] = final-norm state at position i,
     gen[i] = the real token at i+1, argmax[i] = the target's greedy choice at position i."""
     base = model.get_decoder()
     head = model.get_output_embeddings()
     L = min(len(s) for s in seqs)
     ids = torch.tensor([s[:L] for s in seqs], device=device)
-    h = base(input_ids=ids).last_hidden_state  # [B, L, H]
+    if L <= prefill_chunk:
+        h = base(input_ids=ids).last_hidden_state  # [B, L, H]
+    else:  # long sequences: chunked prefill over a KV cache bounds the attention scores' memory
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        h = torch.cat([base(input_ids=ids[:, j:j + prefill_chunk], past_key_values=cache,
+                            use_cache=True).last_hidden_state
+                       for j in range(0, L, prefill_chunk)], 1)
     am = torch.cat([head(h[:, j:j + head_chunk]).argmax(-1) for j in range(0, L, head_chunk)], 1)
     out = []
     for b in range(len(seqs)):
@@ -377,15 +453,17 @@ def record_text(model, seqs: list[list[int]], device: str, head_chunk: int = 256
 
 
 def build_text_split(model, tok, out_dir: Path, *, n_seqs: int, seq_len: int, batch_size: int,
-                     device: str, seed: int, max_minutes: float | None = None) -> list[dict]:
+                     device: str, seed: int, max_minutes: float | None = None,
+                     long: bool = False) -> list[dict]:
     """Teacher-forced real text with the target's argmax labels (cached in shards like
-    ``build_split``; a time budget stops early and a rerun continues)."""
+    ``build_split``; a time budget stops early and a rerun continues). ``long``: the long-context
+    sequences of ``long_text_sequences`` instead of ``text_sequences``."""
     from tqdm import tqdm
 
     out_dir.mkdir(parents=True, exist_ok=True)
     done = out_dir / "done"
     if not done.exists():
-        seqs = text_sequences(tok, n_seqs, seq_len, seed)
+        seqs = (long_text_sequences if long else text_sequences)(tok, n_seqs, seq_len, seed)
         seqs.sort(key=lambda x: len(x[1]))
         batches = [seqs[i:i + batch_size] for i in range(0, len(seqs), batch_size)]
         random.Random(seed).shuffle(batches)

@@ -29,50 +29,20 @@ from sgl_longspec.owl import data as owl_data
 from sgl_longspec.owl.model import load_drafter
 from sgl_longspec.owl.train import evaluate_examples, load_target
 
-SUMMARY_Q = "Summarize the conversations above in a few sentences."
-CODE_Q = "Explain what the last function in the code above does."
-
-
-def _render_conversation(conv: list[dict]) -> str:
-    lines = []
-    for turn in conv:
-        who = "User" if turn.get("from") == "human" else "Assistant"
-        lines.append(f"{who}: {(turn.get('value') or '').strip()}")
-    return "\n".join(lines)
-
-
 def long_prompt_ids(tok, n_tokens: int, index: int, seed: int = 0) -> list[int]:
-    """A templated chat prompt of exactly ``n_tokens`` tokens (context cut from the front)."""
+    """A templated chat prompt of exactly ``n_tokens`` tokens (context cut from the front): even
+    ``index`` = ShareGPT conversations (the first 400 records) + a summary request, odd = Python
+    standard-library source + "explain the last function"."""
     rng = random.Random(seed * 1000 + index)
     if index % 2 == 0:
         convs = owl_data.sharegpt_conversations(400)
         rng.shuffle(convs)
-        pieces, q = [_render_conversation(c) for c in convs], SUMMARY_Q
+        pieces, q = [owl_data.render_conversation(c) for c in convs], owl_data.SUMMARY_Q
     else:
         files = owl_data.stdlib_files()
         rng.shuffle(files)
-        pieces, q = [], CODE_Q
-        for p in files[:200]:
-            try:
-                pieces.append(f"# file: {p.name}\n" + p.read_text(encoding="utf-8"))
-            except (UnicodeDecodeError, OSError):
-                continue
-    overhead = len(owl_data.chat_ids(tok, "\n\n" + q, 10**9))
-    budget = n_tokens - overhead
-    ctx_ids: list[int] = []
-    for piece in pieces:
-        ctx_ids.extend(tok(piece + "\n\n", add_special_tokens=False)["input_ids"])
-        if len(ctx_ids) >= budget + 64:
-            break
-    ids = owl_data.chat_ids(tok, tok.decode(ctx_ids[-budget:]) + "\n\n" + q, 10**9)
-    # decode/encode is not exactly length-preserving: trim or pad the context to hit the target
-    for _ in range(4):
-        diff = len(ids) - n_tokens
-        if diff == 0:
-            break
-        budget -= diff
-        ids = owl_data.chat_ids(tok, tok.decode(ctx_ids[-budget:]) + "\n\n" + q, 10**9)
-    return ids
+        pieces, q = owl_data.code_file_pieces(files[:200]), owl_data.CODE_Q
+    return owl_data.fit_context_ids(tok, pieces, q, n_tokens)
 
 
 @torch.no_grad()

@@ -77,6 +77,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--text-seq-len", type=int, default=384)
     p.add_argument("--text-batch-size", type=int, default=8)
     p.add_argument("--text-minutes", type=float, default=None, help="time budget for --text-seqs")
+    p.add_argument("--long-text-seqs", type=int, default=0,
+                   help="also train on this many teacher-forced long-context prompts (ShareGPT "
+                        "conversations + summary request, package source + question; half at "
+                        "--long-text-len / 2, half at --long-text-len tokens), so that the drafter "
+                        "sees the target's hidden states deep into long contexts")
+    p.add_argument("--long-text-len", type=int, default=4096)
+    p.add_argument("--long-text-minutes", type=float, default=None,
+                   help="time budget for --long-text-seqs")
     p.add_argument("--target-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     # model
     p.add_argument("--n-predict", type=int, default=4)
@@ -133,14 +141,17 @@ def build_data(args, model_path, tok, model) -> dict[str, list[dict]]:
             greedy_fraction=1.0 if greedy else args.greedy_fraction, batch_size=args.gen_batch_size,
             device=args.device, seed=args.seed + (0 if greedy else 1000), desc=name,
             max_minutes=None if greedy else args.gen_minutes)
-    if args.text_seqs:
-        tkey = owl_data.data_key(model_path, {"text_seqs": args.text_seqs, "seed": args.seed,
-                                              "text_seq_len": args.text_seq_len,
-                                              "target_dtype": args.target_dtype})
-        out["text"] = owl_data.build_text_split(
-            model, tok, root.parent / f"text-{tkey}", n_seqs=args.text_seqs,
-            seq_len=args.text_seq_len, batch_size=args.text_batch_size, device=args.device,
-            seed=args.seed, max_minutes=args.text_minutes)
+    # Teacher-forced real text (short and long-context), cached next to the generated splits.
+    for name, n_seqs, seq_len, batch, minutes, long in (
+            ("text", args.text_seqs, args.text_seq_len, args.text_batch_size, args.text_minutes, False),
+            ("long", args.long_text_seqs, args.long_text_len, 1, args.long_text_minutes, True)):
+        if not n_seqs:
+            continue
+        key = owl_data.data_key(model_path, {f"{name}_seqs": n_seqs, "seed": args.seed,
+                                             f"{name}_seq_len": seq_len, "target_dtype": args.target_dtype})
+        out[name] = owl_data.build_text_split(
+            model, tok, root.parent / f"{name}-{key}", n_seqs=n_seqs, seq_len=seq_len,
+            batch_size=batch, device=args.device, seed=args.seed, max_minutes=minutes, long=long)
     print(f"data: {root} " + ", ".join(
         f"{k}={len(v)} seqs/{sum(len(s['gen']) for s in v)} tok" for k, v in out.items()),
         file=sys.stderr)
@@ -332,7 +343,8 @@ def main(argv=None) -> int:
             "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
             "temperature": args.temperature, "max_new_tokens": args.max_new_tokens,
             "train_vocab": args.train_vocab, "neg_samples": args.neg_samples}
-        h, x, y = owl_data.make_examples(splits["train"] + splits.get("text", []), args.n_predict)
+        h, x, y = owl_data.make_examples(
+            splits["train"] + splits.get("text", []) + splits.get("long", []), args.n_predict)
         print(f"training examples: {len(x)}; drafter parameters: {drafter.num_parameters():,} "
               f"({drafter.nbytes() / 2**20:.1f} MiB)", file=sys.stderr)
         log: list = []
