@@ -51,6 +51,10 @@ CODER_MODEL = "qwen2.5-coder-0.5b-instruct"
 
 CONFIGS: dict[str, list[str]] = {
     "vanilla": [],
+    # Plain decoding without SGLang's overlap scheduler: the scheduling mode every speculative
+    # algorithm runs in (LONGSPEC and NGRAM register supports_overlap=False), so that the cost
+    # of giving up the overlap can be told apart from the cost of speculation.
+    "vanilla-sync": ["--disable-overlap-schedule"],
     "ngram": ["--speculative-algorithm", "NGRAM", "--speculative-num-draft-tokens", "8"],
     "suffix": ["--speculative-algorithm", "LONGSPEC", "--longspec-drafter-path", "none"],
     "owl": ["--speculative-algorithm", "LONGSPEC", "--longspec-howl-threshold", "1000"],
