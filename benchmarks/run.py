@@ -57,7 +57,7 @@ CONFIGS: dict[str, list[str]] = {
     "vanilla-sync": ["--disable-overlap-schedule"],
     "ngram": ["--speculative-algorithm", "NGRAM", "--speculative-num-draft-tokens", "8"],
     "suffix": ["--speculative-algorithm", "LONGSPEC", "--longspec-drafter-path", "none"],
-    "owl": ["--speculative-algorithm", "LONGSPEC", "--longspec-howl-threshold", "1000"],
+    "owl": ["--speculative-algorithm", "LONGSPEC", "--longspec-suffix-drafts", "false"],
     "hybrid": ["--speculative-algorithm", "LONGSPEC"],
     # LONGSPEC with its defaults (hybrid when a drafter is shipped for the model, else suffix-only)
     "longspec": ["--speculative-algorithm", "LONGSPEC"],

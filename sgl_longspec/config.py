@@ -35,6 +35,7 @@ class LongSpecConfig:
     # OWL drafter (HOWL hybrid)
     drafter_path: str = ""  # OWL checkpoint folder; "" = the shipped one for the model if any, "none" = off
     howl_threshold: float = 2.0  # suffix chain when its score >= threshold, else OWL tree
+    suffix_drafts: bool = True  # false: OWL trees only (the suffix index still tracks requests)
     owl_max_nodes: int = 8
     owl_top_k: int = 2
 

@@ -247,6 +247,8 @@ class LongSpecWorker(_worker_base()):
         # Per forward size: [steps, total ms, forward ms, attention ms], keyed "plain:<tokens>" and
         # "verify:<tokens>" (the step profile of benchmarks/profile_verify_step.py).
         self.step_profile: dict[str, list[float]] = {}
+        # Per draft source ("suffix", "owl"): [verified drafts, draft tokens, accepted tokens].
+        self.by_source: dict[str, list[int]] = {}
         self.drafter = self._load_drafter()
         self._hidden: dict[str, torch.Tensor] = {}  # rid -> target hidden state that produced the root
         # Optional JSON snapshot of the worker's state after every decode step (tests, debugging).
@@ -305,6 +307,7 @@ class LongSpecWorker(_worker_base()):
             "index_memory_bytes": self.index.memory_bytes(),
             "cost_model_ms": self.router.cost.params,  # (a, b, c) of the router's step model
             "step_profile": self.step_profile,
+            "by_source": self.by_source,
             **self.totals,
             **_attention_ms(),
         }
@@ -444,7 +447,8 @@ class LongSpecWorker(_worker_base()):
             if rid not in self._drafting_disabled and self.router.wants_draft(rid):
                 remaining = req.sampling_params.max_new_tokens - len(req.output_ids)
                 budget = min(cfg.max_spec_tokens, self.window - 1, max(remaining - 1, 0))
-                if budget > 0 and self.router.wants_source(rid, "suffix", len(batch.reqs), budget):
+                if (budget > 0 and cfg.suffix_drafts
+                        and self.router.wants_source(rid, "suffix", len(batch.reqs), budget)):
                     try:
                         d = self.index.speculate(rid, max_spec_tokens=budget, max_tree_nodes=budget)
                     except Exception:
@@ -699,6 +703,11 @@ class LongSpecWorker(_worker_base()):
                                 source=drafts[b].source)
             self.totals["drafted"] += len(drafts[b])
             self.totals["accepted"] += r.num_accepted
+            if len(drafts[b]):
+                row = self.by_source.setdefault(drafts[b].source, [0, 0, 0])
+                row[0] += 1
+                row[1] += len(drafts[b])
+                row[2] += r.num_accepted
         accept_lens = torch.tensor(accept_lens_list, dtype=torch.int32, device=self.device)
         accept_tokens = accept_tokens.to(self.device)
         accept_index = accept_index.to(self.device)

@@ -445,3 +445,20 @@ def test_sampling_matches_plain_distribution(longspec, plain_outputs):
     assert len(rows) >= 2, (spec, plain)
     _, p, _, _ = chi2_contingency(rows)
     assert p > 1e-3, (p, rows)
+
+
+@pytest.mark.server
+def test_owl_drafts_greedy_identical_to_plain(server_pool, plain_outputs, tmp_path):
+    """OWL-only LONGSPEC (`--longspec-suffix-drafts false`): the shipped drafter's trees are
+    verified, some of their tokens accepted, and greedy output stays identical to plain decoding."""
+    stats_file = tmp_path / "owl_stats.json"
+    srv = server_pool.get(LONGSPEC_ARGS + ("--longspec-suffix-drafts", "false"),
+                          env={"LONGSPEC_STATS_FILE": str(stats_file)})
+    spec = greedy(srv, PROMPTS)
+    for i, (a, b) in enumerate(zip(plain_outputs["single"], spec)):
+        assert a["output_ids"] == b["output_ids"], f"prompt {i} differs with OWL drafts"
+    stats = read_stats(stats_file)
+    drafts, drafted, accepted = stats["by_source"].get("owl", (0, 0, 0))
+    assert drafts > 0 and accepted > 0, stats["by_source"]
+    assert "suffix" not in stats["by_source"], stats["by_source"]
+    assert sum(row[2] for row in stats["by_source"].values()) == stats["accepted"]
