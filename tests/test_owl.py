@@ -370,3 +370,66 @@ def test_long_text_sequences_and_chunked_recording():
     torch.testing.assert_close(chunked["hidden"].float(), full["hidden"].float(), atol=2e-2, rtol=1e-2)
     agree = (chunked["argmax"] == full["argmax"]).float().mean().item()
     assert agree > 0.98, agree
+
+
+# ---------------------------------------------------------------------------- draft vocabulary
+def brute_force_restricted_chain(d: OwlDrafter, hidden, root, ids: torch.Tensor, length: int):
+    """Reference: the greedy chain when every step's argmax is taken over `ids` only."""
+    state, tok, out = d.init_state(hidden[None]), torch.tensor([root]), []
+    for _ in range(length):
+        y, state = d.step(state, tok)
+        logits = d.logits(y)[0]
+        tok = ids[logits[ids].argmax()].reshape(1)
+        out.append(int(tok))
+    return out
+
+
+def test_draft_vocab_restricts_drafts_and_round_trips(tmp_path):
+    from sgl_longspec.owl.train import frequent_label_ids
+
+    d = make_drafter(seed=11)
+    labels = torch.tensor([[5, 1], [5, 2], [7, 3], [5, -1], [9, 0], [7, 0], [-1, -1]])
+    ids = frequent_label_ids(labels, 2, V)
+    assert ids.tolist() == [5, 7]  # the two most frequent first-step labels, sorted
+    rng = torch.Generator().manual_seed(0)
+    vocab = torch.sort(torch.randperm(V, generator=rng)[:40]).values
+    d.set_draft_vocab(vocab)
+    hid, roots = torch.randn(6, H), torch.randint(0, V, (6,))
+    allowed = set(vocab.tolist())
+    for tree in d.draft_tree(hid, roots, top_k=3, max_nodes=12):
+        assert set(tree.token_ids.tolist()) <= allowed
+        assert (np.diff(tree.probs) <= 1e-6).all()  # still best-first
+    chains = d.draft_chain(hid, roots)
+    for b, chain in enumerate(chains):
+        assert chain.token_ids.tolist() == brute_force_restricted_chain(d, hid[b], int(roots[b]), vocab, 3)
+    # saved next to the weights and restored by load_drafter
+    d.save(tmp_path)
+    d2 = load_drafter(tmp_path, d.embedding_weight, d.embedding_weight)
+    assert d2.draft_vocab.tolist() == vocab.tolist()
+    for x, y in zip(chains, d2.draft_chain(hid, roots)):
+        assert x.token_ids.tolist() == y.token_ids.tolist()
+    # a corrupt or out-of-range vocabulary file is refused with its name
+    from safetensors.torch import save_file
+
+    from sgl_longspec.owl.model import VOCAB_NAME
+
+    (tmp_path / VOCAB_NAME).write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="draft_vocab.safetensors"):
+        load_drafter(tmp_path, d.embedding_weight, d.embedding_weight)
+    save_file({"ids": torch.tensor([1, V + 3])}, str(tmp_path / VOCAB_NAME))
+    with pytest.raises(ValueError, match="token ids in"):
+        load_drafter(tmp_path, d.embedding_weight, d.embedding_weight)
+    # back to the full vocabulary: the file goes away with it
+    d.set_draft_vocab(None)
+    d.save(tmp_path)
+    assert not (tmp_path / VOCAB_NAME).exists()
+    assert load_drafter(tmp_path, d.embedding_weight, d.embedding_weight).draft_vocab is None
+
+
+def test_shipped_checkpoint_has_draft_vocab():
+    from sgl_longspec.owl.model import VOCAB_NAME
+
+    from safetensors.torch import load_file
+
+    ids = load_file(str(shipped_checkpoint() / VOCAB_NAME))["ids"]
+    assert ids.numel() == 8192 and torch.unique(ids).numel() == 8192

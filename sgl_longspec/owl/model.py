@@ -65,6 +65,7 @@ from sgl_longspec.draft import Draft
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "drafter.safetensors"
+VOCAB_NAME = "draft_vocab.safetensors"  # optional: the token ids drafts are drawn from
 FORMAT = "owl-lstm"
 FORMAT_VERSION = 1
 HIDDEN_STATE_KIND = "final_norm"  # the input of the target's LM head
@@ -174,6 +175,11 @@ class OwlDrafter(nn.Module):
         self.cell_norms = nn.ModuleList(nn.LayerNorm(P) for _ in range(n))
         self.w_out = nn.Linear(P, H, bias=False)
         self.out_norms = nn.ModuleList(nn.LayerNorm(H) for _ in range(n))
+        # Draft vocabulary (None = the full vocabulary): drafting reads only these rows of the LM
+        # head. On a CPU the full [V, H] LM-head read per drafted level costs about as much as the
+        # small target's whole decode step, so drafting over the frequent tokens only is what
+        # makes OWL drafts cheap enough to verify (FR-Spec / EAGLE-3's reduced draft vocabulary).
+        self.__dict__["_draft_vocab"] = None  # (ids [Vd] int64, LM-head rows [Vd, H])
         self.state_weight = 0.5 ** (0.5 / n)
         self.emb_weight = math.sqrt(1.0 - self.state_weight ** 2)
         self.reset_parameters()
@@ -259,6 +265,41 @@ class OwlDrafter(nn.Module):
             W = W[vocab_ids.to(W.device)]
         return (y.to(device=W.device, dtype=W.dtype) @ W.t()).float()
 
+    def set_draft_vocab(self, ids: torch.Tensor | None) -> None:
+        """Draw drafts from these token ids only (None: the full vocabulary). Keeps a copy of
+        their LM-head rows ([Vd, H]), so call it again after moving the drafter or the target."""
+        if ids is None:
+            self.__dict__["_draft_vocab"] = None
+            return
+        ids = torch.as_tensor(ids).long().reshape(-1)
+        V = self.config.vocab_size
+        if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= V:
+            raise ValueError(f"draft vocabulary must be non-empty token ids in [0, {V})")
+        if torch.unique(ids).numel() != ids.numel():
+            raise ValueError("draft vocabulary has repeated token ids")
+        W = self.lm_head_weight
+        self.__dict__["_draft_vocab"] = (ids.to(W.device), W[ids.to(W.device)].contiguous())
+
+    @property
+    def draft_vocab(self) -> torch.Tensor | None:
+        dv = self.__dict__["_draft_vocab"]
+        return None if dv is None else dv[0]
+
+    def _draft_probs(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Softmax over the draft vocabulary, and the ids its columns stand for (None: column =
+        token id)."""
+        dv = self.__dict__["_draft_vocab"]
+        if dv is None:
+            return torch.softmax(self.logits(y), dim=-1), None
+        ids, W = dv
+        return torch.softmax((y.to(device=W.device, dtype=W.dtype) @ W.t()).float(), dim=-1), ids
+
+    def draft_argmax(self, y: torch.Tensor) -> torch.Tensor:
+        """The token a greedy draft takes from output ``y`` (argmax over the draft vocabulary)."""
+        p, ids = self._draft_probs(y)
+        best = p.argmax(dim=-1)
+        return best if ids is None else ids[best]
+
     # -------------------------------------------------------------------------------- drafting
     def _prep(self, hidden, root_tokens) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = torch.as_tensor(hidden)
@@ -289,9 +330,9 @@ class OwlDrafter(nn.Module):
         cum = torch.ones(B, device=self.device)
         for _ in range(length):
             y, state = self.step(state, tok)
-            p = torch.softmax(self.logits(y), dim=-1)
+            p, ids = self._draft_probs(y)
             best_p, tok = p.max(dim=-1)
-            tok = tok.to(self.device)
+            tok = (tok if ids is None else ids[tok]).to(self.device)
             cum = cum * best_p.to(self.device)
             toks.append(tok)
             probs.append(cum)
@@ -347,14 +388,16 @@ class OwlDrafter(nn.Module):
         depth = 0
         while exp_req and depth < max_depth:
             y, state = self.step(state, exp_tok)
-            p = torch.softmax(self.logits(y), dim=-1)
-            cp, ct = p.topk(top_k, dim=-1)
+            p, ids = self._draft_probs(y)
+            cp, ct = p.topk(min(top_k, p.shape[-1]), dim=-1)
+            if ids is not None:
+                ct = ids[ct]
             cp = (cp * torch.tensor(exp_prob, device=cp.device, dtype=cp.dtype)[:, None]).cpu().numpy()
             ct = ct.cpu().numpy()
             depth += 1
             new_ids: list[list[tuple[int, int]]] = [[] for _ in range(B)]
             for r, (b, parent) in enumerate(zip(exp_req, exp_node)):
-                for j in range(top_k):
+                for j in range(cp.shape[1]):
                     pr = float(cp[r, j])
                     if pr < min_prob:
                         break
@@ -418,6 +461,11 @@ class OwlDrafter(nn.Module):
         tmp = path / (WEIGHTS_NAME + ".tmp")
         save_file(state, str(tmp), metadata={"format": FORMAT})
         os.replace(tmp, path / WEIGHTS_NAME)
+        if self.draft_vocab is not None:
+            save_file({"ids": self.draft_vocab.cpu().to(torch.int64).contiguous()},
+                      str(path / VOCAB_NAME), metadata={"format": FORMAT})
+        else:
+            (path / VOCAB_NAME).unlink(missing_ok=True)
         (path / CONFIG_NAME).write_text(self.config.to_json() + "\n")
 
 
@@ -498,6 +546,16 @@ def load_drafter(path: str | os.PathLike, target_embedding: Any, target_lm_head:
     model.load_state_dict(state)
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
+    vfile = path / VOCAB_NAME
+    if vfile.is_file():
+        try:
+            ids = load_file(str(vfile))["ids"]
+        except (SafetensorError, OSError, RuntimeError, ValueError, KeyError) as e:
+            raise ValueError(f"drafter checkpoint {vfile} is corrupt: {e}") from e
+        try:
+            model.set_draft_vocab(ids)
+        except ValueError as e:
+            raise ValueError(f"drafter checkpoint {vfile}: {e}") from e
     return model.eval()
 
 

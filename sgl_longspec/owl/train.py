@@ -98,6 +98,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-vocab", type=int, default=4096)
     p.add_argument("--neg-samples", type=int, default=512)
     p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--draft-vocab", type=int, default=8192,
+                   help="draft from the N most frequent label tokens of the training data only "
+                        "(0: the full vocabulary); with --eval-only, (re)computed and saved")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="stop training (and save) after this many minutes")
     p.add_argument("--eval-only", action="store_true", help="evaluate DIR on the held-out data")
@@ -160,8 +163,9 @@ def build_data(args, model_path, tok, model) -> dict[str, list[dict]]:
 
 @torch.no_grad()
 def evaluate_examples(drafter: OwlDrafter, hidden, inputs, labels, batch_size: int = 256) -> dict:
-    """Per-step conditional acceptance and expected chain tau (full vocabulary, teacher forced:
-    on the event 'all previous steps right' the drafter's own inputs equal the true tokens)."""
+    """Per-step conditional acceptance and expected chain tau of the drafter as it drafts (over
+    its draft vocabulary, if it has one; teacher forced: on the event 'all previous steps right'
+    the drafter's own inputs equal the true tokens)."""
     drafter.eval()
     n = inputs.shape[1]
     keep = (labels >= 0).all(dim=1)
@@ -173,7 +177,7 @@ def evaluate_examples(drafter: OwlDrafter, hidden, inputs, labels, batch_size: i
     for i in range(0, N, batch_size):
         h = hidden[i:i + batch_size].float().to(drafter.device)
         y = drafter(h, inputs[i:i + batch_size].to(drafter.device))
-        pred = drafter.logits(y).argmax(-1).cpu()
+        pred = drafter.draft_argmax(y).cpu()
         correct.append(pred == labels[i:i + batch_size])
     c = torch.cat(correct).float()
     chain = torch.cumprod(c, dim=1)  # all steps <= k right
@@ -193,6 +197,16 @@ def evaluate_splits(drafter: OwlDrafter, splits: dict[str, list[dict]]) -> dict:
         h, x, y = owl_data.make_examples(samples, drafter.n_predict, full_only=True)
         res[name.replace("heldout_", "")] = evaluate_examples(drafter, h, x, y)
     return res
+
+
+def frequent_label_ids(labels: torch.Tensor, n: int, vocab_size: int) -> torch.Tensor:
+    """The ``n`` most frequent target labels (sorted ids): the draft vocabulary. Positions with
+    label -1 (padding) are ignored."""
+    y = labels[:, 0] if labels.dim() == 2 else labels
+    y = y[y >= 0].long()
+    counts = torch.bincount(y, minlength=vocab_size)
+    n = min(n, vocab_size)
+    return torch.sort(torch.argsort(counts, descending=True, stable=True)[:n]).values
 
 
 def cosine_lr(step: int, total: int, base: float, warmup: float) -> float:
@@ -333,8 +347,21 @@ def main(argv=None) -> int:
     splits = build_data(args, model_path, tok, model)
     t_data = time.time() - t_start
     model_name = Path(model_path).name
+    def set_draft_vocab(drafter, labels) -> None:
+        if args.draft_vocab > 0:
+            drafter.set_draft_vocab(frequent_label_ids(labels, args.draft_vocab,
+                                                       drafter.config.vocab_size))
+            drafter.config.training["draft_vocab"] = args.draft_vocab
+        else:
+            drafter.set_draft_vocab(None)
+
+    train_samples = splits["train"] + splits.get("text", []) + splits.get("long", [])
     if args.eval_only:
         drafter = load_drafter(out, emb, head, device=args.device)
+        n_vocab = 0 if drafter.draft_vocab is None else drafter.draft_vocab.numel()
+        if n_vocab != args.draft_vocab:
+            set_draft_vocab(drafter, owl_data.make_examples(train_samples, args.n_predict)[2])
+            drafter.save(out)
     else:
         drafter = build_drafter(emb, head, n_predict=args.n_predict, proj_dim=args.proj_dim,
                                 target_model=model_name).to(args.device)
@@ -343,8 +370,7 @@ def main(argv=None) -> int:
             "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
             "temperature": args.temperature, "max_new_tokens": args.max_new_tokens,
             "train_vocab": args.train_vocab, "neg_samples": args.neg_samples}
-        h, x, y = owl_data.make_examples(
-            splits["train"] + splits.get("text", []) + splits.get("long", []), args.n_predict)
+        h, x, y = owl_data.make_examples(train_samples, args.n_predict)
         print(f"training examples: {len(x)}; drafter parameters: {drafter.num_parameters():,} "
               f"({drafter.nbytes() / 2**20:.1f} MiB)", file=sys.stderr)
         log: list = []
@@ -362,6 +388,7 @@ def main(argv=None) -> int:
         drafter.config.training.update({"train_seconds": round(t_train, 1),
                                         "data_seconds": round(t_data, 1),
                                         "train_examples": int(len(x))})
+        set_draft_vocab(drafter, y)
         drafter.save(out)
     res = evaluate_splits(drafter, splits)
     res["drafter_parameters"] = drafter.num_parameters()
