@@ -61,6 +61,9 @@ CONFIGS: dict[str, list[str]] = {
     "hybrid": ["--speculative-algorithm", "LONGSPEC"],
     # LONGSPEC with its defaults (hybrid when a drafter is shipped for the model, else suffix-only)
     "longspec": ["--speculative-algorithm", "LONGSPEC"],
+    # LONGSPEC drafting as usual but verifying nothing (every draft refused by the router): what
+    # speculation costs on traffic it cannot help; must be within a few percent of vanilla.
+    "longspec-refuse": ["--speculative-algorithm", "LONGSPEC", "--longspec-min-score", "1000"],
 }
 NEEDS_DRAFTER = {"owl", "hybrid"}
 MODEL_CONTEXT = {DEFAULT_MODEL: 8192, CODER_MODEL: 32768}

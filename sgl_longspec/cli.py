@@ -24,7 +24,9 @@ from sgl_longspec.models import EMBEDDED_MODELS, ModelError, resolve_model_path
 # scheduler was OOM-killed.
 CPU_DEFAULTS = {
     "--device": "cpu",
-    "--attention-backend": "torch_native",  # re-registered as the verify-capable CPU backend
+    # SGLang's torch_native plus speculative verify (stock torch_native cannot verify drafts, so
+    # NGRAM needs it too) and a prefix-aware extend: sgl_longspec.attention_backends.
+    "--attention-backend": "longspec_cpu",
     "--dtype": "float32",
     "--max-total-tokens": "32768",
     "--max-running-requests": "16",
@@ -61,26 +63,23 @@ def wait_healthy(base_url: str, proc: subprocess.Popen | None, timeout: float) -
 
 
 def apply_longspec_args(extra: list[str]) -> list[str]:
-    """Take the --longspec-* flags off the command line, validate them, hand them to the
-    scheduler process (environment), and fill in LONGSPEC's defaults for SGLang's flags."""
+    """Check the --longspec-* flags before paying for a server start (a bad value is an error
+    here, at once); they then pass through to SGLang's own parser, which knows them through the
+    plugin's hook (sgl_longspec.config.register_cli_hooks)."""
     parser = argparse.ArgumentParser(add_help=False)
     LongSpecConfig.add_cli_args(parser)
     ns, rest = parser.parse_known_args(extra)
     bad = [a for a in rest if a.startswith("--longspec-")]
     if bad:
         raise ValueError(f"unknown option {bad[0]} (see `sgl-longspec serve --help`)")
-    cfg = LongSpecConfig.from_cli(ns)
+    cfg = LongSpecConfig.from_cli(ns, LongSpecConfig.from_env())
     algo = _flag_value(rest, "--speculative-algorithm")
-    if algo is not None and algo.upper() == "LONGSPEC":
-        window = _flag_value(rest, "--speculative-num-draft-tokens")
-        if window is None:
-            rest = rest + ["--speculative-num-draft-tokens", str(cfg.max_spec_tokens + 1)]
-            window = cfg.max_spec_tokens + 1
+    window = _flag_value(rest, "--speculative-num-draft-tokens")
+    if algo is not None and algo.upper() == "LONGSPEC" and window is not None:
         cfg.validate(int(window))
     else:
         cfg.validate()
-    cfg.to_env()
-    return rest
+    return extra
 
 
 def _flag_value(args: list[str], flag: str) -> str | None:

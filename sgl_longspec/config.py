@@ -1,8 +1,13 @@
 """LONGSPEC options: `--longspec-*` flags, validated once, carried to the scheduler process.
 
-SGLang's argparse does not know plugin flags, so `sgl-longspec serve` takes the `--longspec-*`
-flags off the command line, validates them (a bad value stops the launch with a clear message),
-and hands them to the scheduler process in the environment variable LONGSPEC_CONFIG (JSON).
+The flags join SGLang's own command line through two HookRegistry hooks (`register_cli_hooks`):
+after `ServerArgs.add_cli_args` they are added to SGLang's parser (so `python -m
+sglang.launch_server --help` lists them and a typo is an argparse error), and after
+`ServerArgs.from_cli_args` the given ones are validated and handed to the scheduler processes in
+the environment variable LONGSPEC_CONFIG (JSON; the launcher's environment is inherited by the
+processes it spawns). LONGSPEC_CONFIG set by hand is the base that flags override, which is also
+the route for `sglang.Engine(...)` users. The window check against
+--speculative-num-draft-tokens runs in the algorithm's server-args hook, once that is resolved.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 from dataclasses import dataclass, fields
 
 ENV_VAR = "LONGSPEC_CONFIG"
@@ -80,18 +86,50 @@ class LongSpecConfig:
     # ---- command line ----------------------------------------------------------------------
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
+        """The --longspec-* flags; a flag that is not given leaves no attribute on the namespace
+        (argparse.SUPPRESS), so that only the given ones override the base configuration."""
+        if any(a.dest == "longspec_max_spec_tokens" for a in parser._actions):
+            return  # already added (a parser built twice in one process)
         group = parser.add_argument_group("LONGSPEC speculative decoding (--speculative-algorithm LONGSPEC)")
         for f in fields(cls):
             flag = "--longspec-" + f.name.replace("_", "-")
+            help_text = f"(default: {f.default!r})"
             if f.type in ("bool", bool):
-                group.add_argument(flag, type=_parse_bool, default=f.default, metavar="{true,false}")
+                group.add_argument(flag, type=_parse_bool, default=argparse.SUPPRESS,
+                                   metavar="{true,false}", help=help_text)
             else:
                 typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-                group.add_argument(flag, type=typ, default=f.default)
+                group.add_argument(flag, type=typ, default=argparse.SUPPRESS, help=help_text)
 
     @classmethod
-    def from_cli(cls, ns: argparse.Namespace) -> "LongSpecConfig":
-        return cls(**{f.name: getattr(ns, "longspec_" + f.name) for f in fields(cls)})
+    def from_cli(cls, ns: argparse.Namespace, base: "LongSpecConfig | None" = None) -> "LongSpecConfig":
+        given = {f.name: getattr(ns, "longspec_" + f.name) for f in fields(cls)
+                 if hasattr(ns, "longspec_" + f.name)}
+        return dataclasses.replace(base or cls(), **given)
+
+
+def _after_add_cli_args(result, parser, *args, **kwargs):
+    LongSpecConfig.add_cli_args(parser)
+
+
+def _after_from_cli_args(server_args, cls, ns, *args, **kwargs):
+    given = any(hasattr(ns, "longspec_" + f.name) for f in fields(LongSpecConfig))
+    if given:
+        try:
+            cfg = LongSpecConfig.from_cli(ns, LongSpecConfig.from_env())
+            cfg.validate()  # ranges now; the window once SGLang has resolved it
+        except ValueError as e:  # argparse's convention: usage error, exit status 2
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        cfg.to_env()
+    return None  # the ServerArgs unchanged
+
+
+def register_cli_hooks() -> None:
+    from sgl_longspec import sglang_compat
+
+    sglang_compat.hook(sglang_compat.ADD_CLI_ARGS, _after_add_cli_args, "AFTER")
+    sglang_compat.hook(sglang_compat.FROM_CLI_ARGS, _after_from_cli_args, "AFTER")
 
 
 def _parse_bool(v: str) -> bool:

@@ -6,12 +6,10 @@ of `flashinfer_ext.HybridTreeVerifyWrapper`: each request's committed prefix thr
 paged kernel without a mask, its draft tree through the Triton tree kernel under the tree mask,
 merged by log-sum-exp (the same math as the CPU backend, `flashinfer_ext.reference`).
 
-Wired in like the CPU backend: the plugin wraps SGLang's `flashinfer` entry of the attention
-registry, so a LONGSPEC server on CUDA with the default (or an explicit `flashinfer`) backend gets
-this subclass; every other algorithm gets SGLang's own backend untouched. Set
-LONGSPEC_DENSE_VERIFY=1 to keep the stock backend for LONGSPEC too: it verifies the drafts through
-the dense custom mask of LongSpecVerifyInput.generate_attn_arg_prefill (the baseline of the
-benchmark).
+Registered as `longspec_flashinfer` (sgl_longspec.attention_backends), which a LONGSPEC server on
+CUDA selects by default; SGLang's own `flashinfer` entry is untouched. `--attention-backend
+flashinfer` keeps the stock backend for LONGSPEC: it verifies the drafts through the dense custom
+mask of LongSpecVerifyInput.generate_attn_arg_prefill (the baseline of the benchmark).
 
 Not run on CI (no GPU there): the kernels are tested against the reference under the Triton
 interpreter (tests/test_attention_triton.py); this glue needs a GPU session (issue 7).
@@ -25,7 +23,7 @@ import torch
 
 logger = logging.getLogger("sgl_longspec")
 
-BACKEND_NAME = "flashinfer"  # the registry entry this module extends
+BACKEND_NAME = "longspec_flashinfer"  # its name in SGLang's attention registry
 
 
 def hybrid_verify_plan_args(tree_masks, seq_lens_cpu: list[int], req_pool_indices: list[int],
@@ -57,28 +55,14 @@ def hybrid_verify_plan_args(tree_masks, seq_lens_cpu: list[int], req_pool_indice
     )
 
 
-def register_gpu_backend() -> None:
-    """Wrap SGLang's `flashinfer` attention factory (idempotent): LONGSPEC servers get the hybrid
-    verify subclass, everything else SGLang's own backend."""
-    import os
+def create_backend(runner):
+    """The `longspec_flashinfer` backend for this runner (registered by attention_backends).
+    MLA models keep SGLang's FlashInfer MLA backend (the hybrid verify path is for MHA/GQA)."""
+    if runner.use_mla_backend:
+        from sglang.srt.layers.attention.flashinfer_mla_backend import FlashInferMLAAttnBackend
 
-    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
-
-    original = ATTENTION_BACKENDS.get(BACKEND_NAME)
-    if original is None or getattr(original, "_longspec", False):
-        return
-
-    def create(runner):
-        from sglang.srt.runtime_context import get_spec
-
-        algo = str(getattr(get_spec(), "speculative_algorithm", "") or "")
-        if (runner.use_mla_backend or "LONGSPEC" not in algo.upper()
-                or os.environ.get("LONGSPEC_DENSE_VERIFY") == "1"):
-            return original(runner)
-        return _backend_class()(runner, init_new_workspace=runner.init_new_workspace)
-
-    create._longspec = True
-    ATTENTION_BACKENDS[BACKEND_NAME] = create
+        return FlashInferMLAAttnBackend(runner)
+    return _backend_class()(runner, init_new_workspace=runner.init_new_workspace)
 
 
 def _backend_class():

@@ -1,18 +1,25 @@
 """SGLang plugin entry point (group `sglang.srt.plugins`).
 
 SGLang calls `register()` in the launcher, the engine, and in every scheduler and detokenizer
-process, so it must be idempotent and cheap. It wires in:
-- the CPU support layer (only where CUDA is absent): sgl_kernel shim and verify-capable
-  attention backend;
-- on CUDA, hybrid tree attention for LONGSPEC's verify pass (a subclass of SGLang's flashinfer backend);
-- the LONGSPEC speculative algorithm (suffix tree + OWL drafters with a per-request router).
+process, so it must be idempotent and cheap. It wires in, through SGLang's public routes only:
+- the CPU support layer where CUDA is absent (the sgl_kernel shim);
+- LONGSPEC's attention backends under their own names (`longspec_cpu`, `longspec_flashinfer`);
+  stock backends stay untouched, and a LONGSPEC server selects its backend by itself;
+- HookRegistry hooks: the `--longspec-*` flags on SGLang's own argument parser, and the request
+  check that turns an out-of-vocabulary token id into a 400 on every server;
+- the LONGSPEC speculative algorithm.
+
+An SGLang outside the supported range fails loudly: the error is logged here, and a server asked
+for LONGSPEC stops at argument validation with the supported range in the message (a plain server
+is left alone). Any other failure propagates (SGLang logs it with its traceback): LONGSPEC never
+disappears silently.
 """
 
 from __future__ import annotations
 
 import logging
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("sgl_longspec")
 _registered = False
 
 
@@ -21,17 +28,21 @@ def register() -> None:
     if _registered:
         return
     _registered = True
-    from sgl_longspec import cpu
+    from sgl_longspec import cpu, sglang_compat
 
-    if not cpu.activate():
-        try:
-            from sgl_longspec.gpu_attention import register_gpu_backend
+    on_cpu = cpu.prepare_environment()
+    problem = sglang_compat.version_problem()
+    if problem:
+        logger.error("sgl-longspec: %s", problem)
+        from sgl_longspec.sglang_algo import register_unsupported
 
-            register_gpu_backend()
-        except Exception as e:  # an SGLang build without FlashInfer: stock backends only
-            logger.warning("longspec_flashinfer attention backend unavailable: %s", e)
-    try:
-        from sgl_longspec.sglang_worker import register_longspec_algorithm
-    except ImportError:  # worker module not present in this build
+        register_unsupported(problem)
         return
+    from sgl_longspec import attention_backends, request_checks
+    from sgl_longspec.config import register_cli_hooks
+    from sgl_longspec.sglang_algo import register_longspec_algorithm
+
+    attention_backends.register(on_cpu)
+    register_cli_hooks()
+    request_checks.register()
     register_longspec_algorithm()

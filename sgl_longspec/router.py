@@ -23,6 +23,7 @@ Engine-independent: works on sgl_longspec.draft.Draft objects and request ids.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Hashable, Optional, Sequence
 
@@ -156,6 +157,9 @@ class Router:
     # a request's own record (hierarchical), so that on chat traffic a new request starts as
     # skeptical as its predecessors ended, and on copy traffic as confident.
     _global: dict = field(default_factory=dict)
+    # drafts not verified, by reason: "unprofitable" (below the break-even probability or
+    # --longspec-min-score), "batch_budget", "step_slower_than_plain" (the whole step vetoed)
+    refusals: Counter = field(default_factory=Counter)
 
     def _prior(self, source: str) -> tuple[float, float, float]:
         """(calibration, accepted per draft, tokens per draft) believed for a new request."""
@@ -241,6 +245,7 @@ class Router:
         theta = self.cost.token_threshold(bs) if cfg.cost_aware else 0.0
         out = [Draft.empty()] * bs
         values = [0.0] * bs
+        refused = [False] * bs  # a draft that did not pay for itself (not one the budget cut)
         for i, (rid, d) in enumerate(zip(req_ids, drafts)):
             if not len(d):
                 continue
@@ -250,6 +255,9 @@ class Router:
             expected = k * float(d.probs.sum())
             if len(d) and expected >= cfg.min_score:
                 out[i], values[i] = d, expected
+            else:
+                refused[i] = True
+                self.refusals["unprofitable"] += 1
         order = sorted((i for i in range(bs) if len(out[i])), key=lambda i: -values[i] / len(out[i]))
         budget = cfg.batch_draft_budget
         for i in order:
@@ -261,15 +269,23 @@ class Router:
                 d = out[i] = d.truncated(budget)
                 values[i] = self.calibration(req_ids[i], d.source) * float(d.probs.sum())
             budget -= len(d)
+        if budget <= 0:
+            self.refusals["batch_budget"] += sum(1 for i in order if not len(out[i]))
         if cfg.cost_aware:
             gain = sum(v for v, d in zip(values, out) if len(d))
             tokens = sum(len(d) for d in out)
             if tokens and self.cost.speedup(bs, gain, tokens) <= 1.0:
+                self.refusals["step_slower_than_plain"] += sum(1 for d in out if len(d))
+                refused = [r or bool(len(d)) for r, d in zip(refused, out)]
                 out = [Draft.empty()] * bs
-        for rid, d in zip(req_ids, out):
+        for i, (rid, d) in enumerate(zip(req_ids, out)):
             st = self._state(rid)
             for src in st.skip:  # backoffs count decode steps, whichever drafter ran meanwhile
                 st.skip[src] -= 1
+            if refused[i]:
+                # Drafting that is never verified only costs drafter time: back off as after a
+                # rejection, so that traffic speculation cannot help pays (almost) nothing.
+                self._back_off(st, drafts[i].source)
             if len(d) == 0:
                 st.plain_steps += 1
                 for c in st.calib.values():
@@ -298,11 +314,15 @@ class Router:
                 c[j] = self.CALIBRATION_DECAY * c[j] + x
                 g[j] = self.GLOBAL_DECAY * g[j] + x
         if accepted == 0:
-            st.penalty[source] = min(max(1, 2 * st.penalty.get(source, 0)), self.config.backoff_steps)
-            st.skip[source] = st.penalty[source]
+            self._back_off(st, source)
         else:
             st.penalty[source] = 0
             st.skip[source] = 0
+
+    def _back_off(self, st: _ReqState, source: str) -> None:
+        """No drafts from `source` for this request for a while, doubling up to the cap."""
+        st.penalty[source] = min(max(1, 2 * st.penalty.get(source, 0)), self.config.backoff_steps)
+        st.skip[source] = st.penalty[source]
 
     def stats(self, req_id: Hashable) -> RouterStats:
         st = self._state(req_id)

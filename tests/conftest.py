@@ -161,9 +161,12 @@ class ServerPool:
         self._failed: dict[tuple, str] = {}
 
     def get(self, extra_args: Iterable[str] = (), *, model_path: Optional[str] = None,
-            env: Optional[dict] = None, startup_timeout: Optional[float] = None) -> ServerHandle:
+            env: Optional[dict] = None, startup_timeout: Optional[float] = None,
+            bare: bool = False) -> ServerHandle:
+        """bare=True: `python -m sglang.launch_server` itself, with exactly `extra_args` (no CPU
+        defaults, no sgl-longspec wrapper); otherwise `sgl-longspec serve`."""
         args = tuple(str(a) for a in extra_args)
-        key = (model_path, args, tuple(sorted((env or {}).items())))
+        key = (model_path, args, tuple(sorted((env or {}).items())), bare)
         if key in self._failed:  # do not pay another start for a configuration that failed
             pytest.fail(self._failed[key], pytrace=False)
         handle = self.live.get(key)
@@ -179,9 +182,9 @@ class ServerPool:
         while len(self.live) >= self.max_live:
             _, old = self.live.popitem(last=False)
             _stop(old)
-        return self._start(key, model_path, args, env, startup_timeout or STARTUP_TIMEOUT)
+        return self._start(key, model_path, args, env, startup_timeout or STARTUP_TIMEOUT, bare)
 
-    def _start(self, key, model_path, args, env, timeout) -> ServerHandle:
+    def _start(self, key, model_path, args, env, timeout, bare=False) -> ServerHandle:
         from sgl_longspec.cli import start_server, wait_healthy
         from sgl_longspec.models import ModelError
 
@@ -190,7 +193,10 @@ class ServerPool:
         t0 = time.time()
         with open(log_path, "wb") as log, _env_override(env):
             try:
-                proc, path = start_server(model_path, HOST, port, list(args), log_file=log)
+                if bare:
+                    proc, path = _start_bare(model_path, port, list(args), log)
+                else:
+                    proc, path = start_server(model_path, HOST, port, list(args), log_file=log)
             except ModelError as e:
                 self._failed[key] = f"cannot start server {args}: {e}"
                 pytest.fail(self._failed[key], pytrace=False)
@@ -235,6 +241,17 @@ class ServerPool:
         for h in self.started:  # belt and braces: nothing of ours survives the session
             if h.alive():
                 _stop(h)
+
+
+def _start_bare(model_path, port, args, log):
+    import sys
+
+    from sgl_longspec.models import resolve_model_path
+
+    path = str(resolve_model_path(model_path))
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", path, "--host", HOST,
+           "--port", str(port), *args]
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True), path
 
 
 def _sigterm_to_keyboardinterrupt(signum, frame):

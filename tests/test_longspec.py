@@ -112,6 +112,36 @@ def sample_first_tokens(srv):
     return Counter(outs)
 
 
+LOGPROB_PROMPTS = [PROMPTS[0], PROMPTS[12], PROMPTS[5]]  # copy, counting, chat
+LOGPROB_TOKEN_IDS = [11, 28, 216]
+
+
+def with_logprobs(srv):
+    """Greedy outputs with logprobs, top-2 logprobs and chosen-token-id logprobs, one at a time."""
+    return [srv.generate(text=p, return_logprob=True, top_logprobs_num=2,
+                         token_ids_logprob=LOGPROB_TOKEN_IDS,
+                         sampling_params={"temperature": 0, "max_new_tokens": 24})
+            for p in LOGPROB_PROMPTS]
+
+
+def assert_same_logprobs(plain: dict, spec: dict, tol: float = 1e-3) -> None:
+    """Same tokens; per position, the same (logprob, token id) entries within tol."""
+    assert plain["output_ids"] == spec["output_ids"]
+    a, b = plain["meta_info"], spec["meta_info"]
+    n = len(plain["output_ids"])
+    per_position = {
+        "output_token_logprobs": lambda m, i: [m["output_token_logprobs"][i]],
+        "output_top_logprobs": lambda m, i: m["output_top_logprobs"][i],
+        "output_token_ids_logprobs": lambda m, i: m["output_token_ids_logprobs"][i],
+    }
+    for key, entries in per_position.items():
+        assert len(a[key]) == len(b[key]) == n, key
+        for i in range(n):
+            for ex, ey in zip(entries(a, i), entries(b, i), strict=True):
+                assert ex[1] == ey[1] and isinstance(ey[0], float), (key, i, ex, ey)
+                assert abs(ex[0] - ey[0]) <= tol, (key, i, ex, ey)
+
+
 # ---------------------------------------------------------------------------- unit: router, config
 
 def test_router_budget_and_min_score():
@@ -232,12 +262,12 @@ def test_ragged_verify_args_equal_hybrid_attention():
 def test_gpu_hybrid_plan_args_match_reference():
     """The plan metadata the GPU backend builds from SGLang's req_to_token table, run through
     HybridTreeVerifyWrapper (torch path here; Triton/FlashInfer on GPU), equals per-request hybrid
-    attention; and the plugin's registry hook wraps `flashinfer` once, for LONGSPEC only."""
+    attention."""
     import torch
 
     from flashinfer_ext.reference import hybrid_tree_attention
     from flashinfer_ext.wrapper import HybridTreeVerifyWrapper
-    from sgl_longspec.gpu_attention import hybrid_verify_plan_args, register_gpu_backend
+    from sgl_longspec.gpu_attention import hybrid_verify_plan_args
 
     g = torch.Generator().manual_seed(1)
     drafts = [Draft.chain([1, 2]), Draft.empty(), Draft([4, 5, 6], [-1, -1, 1])]
@@ -262,17 +292,6 @@ def test_gpu_hybrid_plan_args_match_reference():
         torch.testing.assert_close(out[start:start + n], ref, rtol=1e-5, atol=1e-5)
         start += n
 
-    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
-
-    original = ATTENTION_BACKENDS["flashinfer"]
-    try:
-        register_gpu_backend()
-        register_gpu_backend()
-        wrapped = ATTENTION_BACKENDS["flashinfer"]
-        assert getattr(wrapped, "_longspec", False) and wrapped is not original
-    finally:
-        ATTENTION_BACKENDS["flashinfer"] = original
-
 
 def test_router_backoff_after_rejections():
     r = Router(RouterConfig(backoff_steps=4))
@@ -287,6 +306,23 @@ def test_router_backoff_after_rejections():
     assert r.wants_draft("a", "suffix")
     r.observe("a", drafted=5, accepted=3)
     assert r.wants_draft("a", "suffix") and r.stats("a").accepted == 3
+
+
+def test_router_backs_off_drafting_that_is_never_verified():
+    """Drafts the router refuses (they do not pay) make the drafter pause for that request, as a
+    rejected draft does, so traffic that speculation cannot help stops paying drafter time."""
+    r = Router(RouterConfig(min_score=1000.0, backoff_steps=8))
+    calls = 0
+    for step in range(64):
+        if r.wants_source("chat", "owl", 1, 8):
+            calls += 1
+            out = r.plan_batch(["chat"], [Draft.chain([1, 2, 3], probs=[0.5] * 3, source="owl")])
+            assert len(out[0]) == 0
+        else:
+            r.plan_batch(["chat"], [Draft.empty()])
+    assert calls <= 64 // 8 + 4, calls  # doubling pauses up to the cap of 8 steps
+    assert r.refusals["unprofitable"] == calls
+    assert r.wants_source("chat", "suffix", 1, 8)  # per drafter
 
 
 def test_router_backoff_is_per_drafter():
@@ -338,7 +374,7 @@ def plain_outputs(server_pool):
     """Everything the LONGSPEC tests compare against, computed first on one plain server."""
     srv = server_pool.get(PLAIN_ARGS)
     return {"single": greedy(srv, PROMPTS), "multi_turn": run_multi_turn(srv)[0],
-            "samples": sample_first_tokens(srv)}
+            "samples": sample_first_tokens(srv), "logprobs": with_logprobs(srv)}
 
 
 @pytest.fixture(scope="module")
@@ -370,11 +406,14 @@ def test_greedy_identical_to_plain_decoding(longspec, plain_outputs, stats_path)
     stats = read_stats(stats_path)
     assert stats["accepted"] > 0, stats
     assert verify_steps < tokens, (verify_steps, tokens)
+    assert not stats["fallbacks"], stats["fallbacks"]
 
 
 @pytest.mark.server
-def test_concurrent_requests_identical(longspec, plain_outputs):
-    """8 requests in flight at once (one batch, ragged drafts) give the single-request outputs."""
+def test_concurrent_requests_identical(longspec, plain_outputs, stats_path):
+    """8 requests in flight at once (one batch, ragged drafts) give the single-request outputs,
+    and batched verify steps (two or more requests verifying drafts in one forward) really ran."""
+    before = read_stats(stats_path)["batched_verify_steps"]
     plain = plain_outputs["single"]
     idx = list(range(8))
 
@@ -385,6 +424,9 @@ def test_concurrent_requests_identical(longspec, plain_outputs):
         outs = list(ex.map(one, idx))
     for i, o in zip(idx, outs):
         assert o["output_ids"] == plain[i]["output_ids"], f"prompt {i} differs under concurrency"
+    stats = read_stats(stats_path)
+    assert stats["batched_verify_steps"] > before, stats
+    assert stats["max_verify_batch"] >= 2 and not stats["fallbacks"], stats
 
 
 @pytest.mark.server
@@ -392,6 +434,45 @@ def test_multi_turn_reuses_radix_cache(longspec, plain_outputs):
     spec_outs, spec_cached = run_multi_turn(longspec)
     assert spec_cached[1] > 0 and spec_cached[2] > 0, spec_cached  # later turns hit the radix cache
     assert spec_outs == plain_outputs["multi_turn"]
+
+
+@pytest.mark.server
+def test_logprobs_under_speculation_equal_plain(longspec, plain_outputs, stats_path):
+    """Logprob requests speculate (they used to crash the server) and return what plain decoding
+    returns: the chosen tokens' logprobs, the top-2 and the requested token ids' logprobs (float32,
+    within 1e-3)."""
+    before = read_stats(stats_path)["accepted"]
+    spec = with_logprobs(longspec)
+    for p, s_ in zip(plain_outputs["logprobs"], spec):
+        assert_same_logprobs(p, s_)
+    copy = spec[0]["meta_info"]
+    assert copy["spec_verify_ct"] < copy["completion_tokens"], copy  # multi-token steps ran
+    stats = read_stats(stats_path)
+    assert stats["accepted"] > before and not stats["fallbacks"], stats
+    # The OpenAI route: logprobs + top_logprobs on a chat completion.
+    client = longspec.openai_client()
+    r = client.chat.completions.create(model="default", messages=[{"role": "user", "content":
+                                       "Count from 1 to 20, separated by commas."}],
+                                       max_tokens=24, temperature=0, logprobs=True, top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens and all(len(c.top_logprobs) == 2 for c in content)
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("bad", [[1, 2, 10 ** 8], [5, -1, 7]])
+def test_out_of_vocab_token_ids_get_400(longspec, bad):
+    import requests
+
+    r = requests.post(longspec.base_url + "/generate", timeout=60,
+                      json={"input_ids": bad, "sampling_params": {"max_new_tokens": 4}})
+    assert r.status_code == 400, r.text
+    assert f"= {bad[2] if bad[2] > 100 else bad[1]}" in r.text
+    r = requests.post(longspec.base_url + "/v1/completions", timeout=60,
+                      json={"model": "default", "prompt": bad, "max_tokens": 4})
+    assert r.status_code == 400, r.text
+    assert longspec.alive()
+    ok = longspec.generate(input_ids=[1, 2, 3], sampling_params={"max_new_tokens": 2})
+    assert len(ok["output_ids"]) == 2
 
 
 @pytest.mark.server
@@ -462,3 +543,23 @@ def test_owl_drafts_greedy_identical_to_plain(server_pool, plain_outputs, tmp_pa
     assert drafts > 0 and accepted > 0, stats["by_source"]
     assert "suffix" not in stats["by_source"], stats["by_source"]
     assert sum(row[2] for row in stats["by_source"].values()) == stats["accepted"]
+
+
+@pytest.mark.server
+def test_bare_sglang_launch_server_longspec(server_pool, plain_outputs, tmp_path):
+    """`python -m sglang.launch_server --speculative-algorithm LONGSPEC` with nothing else that
+    LONGSPEC needs: the plugin derives the verify window, selects its CPU attention backend, and
+    the --longspec-* flags reach it through SGLang's own parser. Greedy output equals plain
+    decoding, drafts were verified, nothing fell back."""
+    stats_file = tmp_path / "bare_stats.json"
+    srv = server_pool.get(("--device", "cpu", "--dtype", "float32", "--max-total-tokens", "32768",
+                           "--speculative-algorithm", "LONGSPEC", "--longspec-max-spec-tokens", "15",
+                           "--random-seed", "0"),
+                          env={"LONGSPEC_STATS_FILE": str(stats_file)}, bare=True)
+    log = srv.log_path.read_text(errors="replace")
+    assert "attention backend longspec_cpu" in log and "window=16" in log
+    spec = greedy(srv, PROMPTS[:8])
+    for i, (a, b) in enumerate(zip(plain_outputs["single"][:8], spec)):
+        assert a["output_ids"] == b["output_ids"], f"prompt {i} differs on the bare launch"
+    stats = read_stats(stats_file)
+    assert stats["accepted"] > 0 and stats["verify_steps"] > 0 and not stats["fallbacks"], stats

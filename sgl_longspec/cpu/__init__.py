@@ -5,8 +5,8 @@ imported). It does nothing when CUDA is present. Otherwise it:
 - turns on SGLang's CPU engine (SGLANG_USE_CPU_ENGINE=1) unless the user set it;
 - makes `import sgl_kernel` resolve to the pure-PyTorch shim in ./_shim when the real CPU build of
   sgl_kernel is not importable (it is not on PyPI);
-- registers LongSpecCPUAttnBackend (verify-capable hybrid tree attention) under SGLang's
-  `torch_native` backend name, so the command line can select it.
+The verify-capable CPU attention backend is registered under its own name, `longspec_cpu`, by
+sgl_longspec.attention_backends; SGLang's `torch_native` is left as it is.
 """
 
 from __future__ import annotations
@@ -58,17 +58,6 @@ def prepare_environment() -> bool:
     return True
 
 
-def register_attention_backend() -> None:
-    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
-
-    def create_longspec_cpu_backend(runner):
-        from sgl_longspec.cpu.attention import LongSpecCPUAttnBackend
-
-        return LongSpecCPUAttnBackend(runner)
-
-    ATTENTION_BACKENDS["torch_native"] = create_longspec_cpu_backend
-
-
 def activate() -> bool:
     """Idempotent; returns True when the CPU support layer is active in this process."""
     global _activated
@@ -76,6 +65,5 @@ def activate() -> bool:
         return True
     if not prepare_environment():
         return False
-    register_attention_backend()
     _activated = True
     return True

@@ -1,8 +1,8 @@
 """CPU attention backend with speculative-verify support (hybrid tree attention).
 
 SGLang's torch_native backend cannot verify drafts (it has no TARGET_VERIFY / custom-mask path)
-and its extend path recomputes attention for every cached prefix token. This backend replaces it
-(registered under the same name, so `--attention-backend torch_native` selects it):
+and its extend path recomputes attention for every cached prefix token. This subclass adds both,
+registered under its own name `longspec_cpu` (sgl_longspec.attention_backends):
 
 - decode: one query per request over its committed KV (a zero-copy slice when the request's KV
   slots are contiguous, which they usually are);

@@ -1,0 +1,425 @@
+"""LONGSPEC's decode-step logic, independent of any engine.
+
+The SGLang adapter (sgl_longspec.sglang_worker) turns each decode batch into `RequestView`s and
+asks the controller what to verify; it runs the forward and hands the logits back. Everything in
+between lives here and is tested on a fake batch harness (tests/test_controller.py):
+
+- the request lifecycle: a request's tokens enter its suffix tree on first sight and after each
+  step; a request that left the batch is released (a finished output joins the global tree, an
+  aborted one is dropped);
+- the drafters, behind one small protocol (`Drafter`: name, propose, forget): the suffix index and
+  the OWL model drafter;
+- the router's step (`plan_step` -> `StepPlan`): which drafter, how many tokens, or no draft;
+- verification (greedy or lossless sampling, sgl_longspec.verify) and what it teaches the router;
+- counters, including fallbacks by cause: a drafter, index or verify failure turns only the
+  requests it touched to plain decoding, is counted, and is logged with its traceback the first
+  time each cause occurs (later ones in one line).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Hashable, Optional, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from sgl_longspec.config import LongSpecConfig
+from sgl_longspec.draft import Draft
+from sgl_longspec.router import Router, RouterConfig
+from sgl_longspec.suffix_index import SuffixIndex, SuffixIndexConfig
+from sgl_longspec.verify import VerifyResult, verify_greedy, verify_sampling
+
+logger = logging.getLogger("sgl_longspec")
+
+
+@dataclass
+class RequestView:
+    """What the controller needs to know about one request of a decode batch."""
+
+    rid: Hashable
+    prompt: Sequence[int]
+    output: Sequence[int]  # committed output tokens; output[-1] is the root of its draft
+    remaining: int  # tokens it may still generate
+    plain_only: bool = False  # needs a feature only the engine's own sampler implements
+    handle: object = None  # the engine's request object, handed back to `finished_ok`
+
+
+@dataclass
+class DraftRequest:
+    rid: Hashable
+    root: int  # last committed token
+    budget: int  # most draft tokens
+
+
+class Drafter(Protocol):
+    """A source of drafts. `propose` gets the requests of one step that want its drafts and
+    returns one Draft each (empty for none); `forget` releases a request's state."""
+
+    name: str
+
+    def propose(self, requests: Sequence[DraftRequest]) -> list[Draft]: ...
+
+    def forget(self, rid: Hashable, keep_output: bool) -> None: ...
+
+
+class SuffixDrafter:
+    """The suffix index as a drafter; it also owns the request's token stream (`sync`)."""
+
+    name = "suffix"
+
+    def __init__(self, index: SuffixIndex):
+        self.index = index
+        self.indexed: dict[Hashable, int] = {}  # rid -> tokens indexed
+
+    def sync(self, view: RequestView) -> None:
+        """Bring the request's tree to prompt + output (appending only what is new)."""
+        rid, prompt, output = view.rid, view.prompt, view.output
+        total = len(prompt) + len(output)
+        have = self.indexed.get(rid)
+        if have is not None and have > total:  # retracted and re-admitted: start over
+            self.index.abort_request(rid)
+            have = None
+        if have is None:
+            self.index.start_request(rid, list(prompt) + list(output))
+        elif have < total:
+            if have >= len(prompt):
+                new = list(output[have - len(prompt):])
+            else:
+                new = list(prompt[have:]) + list(output)
+            self.index.extend(rid, new)
+        self.indexed[rid] = total
+
+    def propose(self, requests: Sequence[DraftRequest]) -> list[Draft]:
+        return [self.index.speculate(r.rid, max_spec_tokens=r.budget, max_tree_nodes=r.budget)
+                for r in requests]
+
+    def forget(self, rid: Hashable, keep_output: bool) -> None:
+        if self.indexed.pop(rid, None) is None:
+            return
+        if keep_output:
+            self.index.finish_request(rid, keep_in_global=True)
+        else:
+            self.index.abort_request(rid)
+
+
+class OwlDrafter:
+    """The OWL LSTM drafter: one batched tree per step, from the target hidden state that produced
+    each request's root token (`remember`)."""
+
+    name = "owl"
+
+    def __init__(self, model, top_k: int, max_nodes: int):
+        self.model = model
+        self.top_k = top_k
+        self.max_nodes = max_nodes
+        self.hidden: dict[Hashable, torch.Tensor] = {}
+
+    def remember(self, rids: Sequence[Hashable], hidden: torch.Tensor) -> None:
+        for b, rid in enumerate(rids):
+            self.hidden[rid] = hidden[b]
+
+    def has_state(self, rid: Hashable) -> bool:
+        return rid in self.hidden
+
+    def propose(self, requests: Sequence[DraftRequest]) -> list[Draft]:
+        if not requests:
+            return []
+        hidden = torch.stack([self.hidden[r.rid] for r in requests]).to(
+            self.model.embedding_weight.dtype)
+        max_nodes = min(self.max_nodes, max(r.budget for r in requests))
+        trees = self.model.draft_tree(hidden, [r.root for r in requests], top_k=self.top_k,
+                                      max_nodes=max_nodes)
+        return [t.truncated(r.budget) for t, r in zip(trees, requests)]
+
+    def forget(self, rid: Hashable, keep_output: bool) -> None:
+        self.hidden.pop(rid, None)
+
+
+@dataclass
+class StepPlan:
+    """The router's decision for one decode step: a draft per request (empty = no draft)."""
+
+    drafts: list[Draft]
+
+    @property
+    def verify(self) -> bool:
+        return any(len(d) for d in self.drafts)
+
+    @property
+    def draft_tokens(self) -> int:
+        return sum(len(d) for d in self.drafts)
+
+
+@dataclass
+class SamplingParams:
+    """Per-request sampling parameters of a verify batch ([bs] tensors)."""
+
+    all_greedy: bool
+    temperature: Optional[torch.Tensor] = None
+    top_k: Optional[torch.Tensor] = None
+    top_p: Optional[torch.Tensor] = None
+    min_p: Optional[torch.Tensor] = None
+
+
+@dataclass
+class Counters:
+    drafted: int = 0
+    accepted: int = 0
+    verify_steps: int = 0
+    plain_steps: int = 0
+    # verify steps in which two or more requests verified a draft (the ragged batch path)
+    batched_verify_steps: int = 0
+    max_verify_batch: int = 0
+    draft_ms: float = 0.0
+    verify_ms: float = 0.0
+    verify_forward_ms: float = 0.0
+    verify_tokens: int = 0
+    plain_ms: float = 0.0
+    # per draft source: [verified drafts, draft tokens, accepted tokens]
+    by_source: dict = field(default_factory=dict)
+    # per cause ("index", "suffix_drafter", "owl_drafter", "verify", "release"): failures, and
+    # the requests they turned to plain decoding
+    fallbacks: Counter = field(default_factory=Counter)
+    fallback_requests: Counter = field(default_factory=Counter)
+    # per forward size: [steps, total ms, forward ms, attention ms], keyed "plain:<tokens>" and
+    # "verify:<tokens>" (the step profile of benchmarks/profile_verify_step.py)
+    step_profile: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        out = {k: v for k, v in self.__dict__.items()}
+        out["fallbacks"] = dict(self.fallbacks)
+        out["fallback_requests"] = dict(self.fallback_requests)
+        return out
+
+
+class LongSpecController:
+    def __init__(self, config: LongSpecConfig, window: int, owl_model=None,
+                 finished_ok: Callable[[object], bool] = lambda handle: True):
+        """window: verify width per request including the root (SGLang's
+        --speculative-num-draft-tokens); finished_ok(handle): whether a request that left the
+        batch finished normally (its output then joins the global tree)."""
+        self.config = config
+        self.window = window
+        self.finished_ok = finished_ok
+        cfg = config
+        self.index = SuffixIndex(SuffixIndexConfig(
+            max_depth=cfg.max_depth, vocab_size=None, max_cached_responses=cfg.global_cache_requests,
+            max_cache_bytes=cfg.global_cache_mb << 20, max_spec_tokens=cfg.max_spec_tokens,
+            spec_factor=cfg.spec_factor, spec_offset=cfg.spec_offset,
+            min_token_prob=cfg.min_token_prob, use_tree=cfg.use_tree,
+            max_tree_nodes=cfg.max_spec_tokens))
+        self.suffix = SuffixDrafter(self.index)
+        self.owl = OwlDrafter(owl_model, cfg.owl_top_k, cfg.owl_max_nodes) if owl_model else None
+        self.router = Router(RouterConfig(
+            min_score=cfg.min_score, howl_threshold=cfg.howl_threshold,
+            batch_draft_budget=cfg.batch_draft_budget, max_draft_tokens=cfg.max_spec_tokens,
+            backoff_steps=cfg.backoff_steps, cost_aware=cfg.cost_aware))
+        self.counters = Counters()
+        self._prev: dict[Hashable, object] = {}  # rid -> handle, the previous decode batch
+        self._plain: set[Hashable] = set()  # requests turned to plain decoding by a failure
+
+    # ---- failures -----------------------------------------------------------------------------
+    def fallback(self, cause: str, rids: Sequence[Hashable], what: str) -> None:
+        """Call inside an `except` block: count, log, and turn `rids` to plain decoding."""
+        first = self.counters.fallbacks[cause] == 0
+        self.counters.fallbacks[cause] += 1
+        self.counters.fallback_requests[cause] += len(rids)
+        if first:
+            logger.exception("LONGSPEC fallback (%s): %s; plain decoding for %d request(s)",
+                             cause, what, len(rids))
+        else:
+            import sys
+
+            logger.warning("LONGSPEC fallback (%s, #%d): %s: %r", cause,
+                           self.counters.fallbacks[cause], what, sys.exc_info()[1])
+        for rid in rids:
+            self._plain.add(rid)
+            for drafter in self._drafters():
+                try:
+                    drafter.forget(rid, keep_output=False)
+                except Exception:
+                    pass
+
+    def _drafters(self) -> list:
+        return [self.suffix] + ([self.owl] if self.owl is not None else [])
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def release(self, rid: Hashable, keep_output: bool) -> None:
+        self.router.forget(rid)
+        self._plain.discard(rid)
+        for drafter in self._drafters():
+            try:
+                drafter.forget(rid, keep_output=keep_output)
+            except Exception:
+                self.fallback("release", [], f"releasing request {rid} from {drafter.name}")
+
+    def release_departed(self, views: Sequence[RequestView]) -> None:
+        current = {v.rid: v.handle for v in views}
+        for rid, handle in self._prev.items():
+            if rid not in current:
+                self.release(rid, keep_output=self.finished_ok(handle))
+        self._prev = current
+
+    def clear(self) -> None:
+        for rid in list(self.suffix.indexed):
+            self.release(rid, keep_output=False)
+        self._prev = {}
+
+    def remember_hidden(self, rids: Sequence[Hashable], hidden: Optional[torch.Tensor]) -> None:
+        """The target hidden states whose logits produced each request's newest token."""
+        if self.owl is not None and hidden is not None:
+            self.owl.remember(rids, hidden)
+
+    @property
+    def wants_hidden_states(self) -> bool:
+        return self.owl is not None
+
+    # ---- the router's step --------------------------------------------------------------------
+    def plan_step(self, views: Sequence[RequestView]) -> StepPlan:
+        """Release departed requests, index new tokens, draft, and let the router decide."""
+        t0 = time.perf_counter()
+        self.release_departed(views)
+        bs = len(views)
+        eligible = [not v.plain_only and v.rid not in self._plain for v in views]
+        for i, v in enumerate(views):
+            if eligible[i]:
+                try:
+                    self.suffix.sync(v)
+                except Exception:
+                    self.fallback("index", [v.rid], f"indexing request {v.rid}")
+                    eligible[i] = False
+        budgets = [0] * bs
+        for i, v in enumerate(views):
+            if eligible[i] and self.router.wants_draft(v.rid):
+                budgets[i] = min(self.config.max_spec_tokens, self.window - 1, max(v.remaining - 1, 0))
+        suffix = self._suffix_drafts(views, budgets)
+        model = self._owl_drafts(views, budgets, suffix)
+        picked = [self.router.pick(s, m, v.rid) for s, m, v in zip(suffix, model, views)]
+        drafts = self.router.plan_batch([v.rid for v in views], picked)
+        self.counters.draft_ms += 1e3 * (time.perf_counter() - t0)
+        return StepPlan(drafts)
+
+    def _suffix_drafts(self, views, budgets) -> list[Draft]:
+        out = [Draft.empty()] * len(views)
+        if not self.config.suffix_drafts:
+            return out
+        for i, v in enumerate(views):
+            if budgets[i] > 0 and self.router.wants_source(v.rid, "suffix", len(views), budgets[i]):
+                try:
+                    out[i] = self.suffix.propose([DraftRequest(v.rid, v.output[-1], budgets[i])])[0]
+                except Exception:
+                    self.fallback("suffix_drafter", [v.rid], f"suffix draft for {v.rid}")
+                    budgets[i] = 0
+        return out
+
+    def _owl_drafts(self, views, budgets, suffix) -> list[Optional[Draft]]:
+        """OWL trees (one batched call) for the requests whose suffix draft is below the HOWL
+        threshold and for which the router expects OWL to pay."""
+        out: list[Optional[Draft]] = [None] * len(views)
+        if self.owl is None:
+            return out
+        bs = len(views)
+        rows = [i for i, v in enumerate(views)
+                if budgets[i] > 0 and suffix[i].score < self.config.howl_threshold
+                and self.owl.has_state(v.rid)
+                and self.router.wants_source(v.rid, "owl", bs, min(budgets[i], self.owl.max_nodes))]
+        if not rows:
+            return out
+        t0 = time.perf_counter()
+        try:
+            trees = self.owl.propose([DraftRequest(views[i].rid, views[i].output[-1], budgets[i])
+                                      for i in rows])
+        except Exception:
+            self.fallback("owl_drafter", [views[i].rid for i in rows], "OWL draft")
+            return out
+        self.router.observe_draft_cost("owl", 1e3 * (time.perf_counter() - t0))
+        for i, tree in zip(rows, trees):
+            out[i] = tree
+        return out
+
+    # ---- verification -------------------------------------------------------------------------
+    def verify(self, rids: Sequence[Hashable], drafts: Sequence[Draft], logits: torch.Tensor,
+               sampling: SamplingParams) -> VerifyResult:
+        """Verify the drafts against the target logits of a ragged verify batch (one row per slot,
+        request after request) and teach the router what was accepted."""
+        if sampling.all_greedy:
+            vr = verify_greedy(list(drafts), logits)
+        else:
+            vr = verify_sampling(list(drafts), logits, temperature=sampling.temperature,
+                                 top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p)
+        self.record_verified(rids, drafts, vr.accept_lens.tolist())
+        return vr
+
+    def record_verified(self, rids, drafts, accepted: Sequence[int]) -> None:
+        c = self.counters
+        with_draft = 0
+        for rid, d, a in zip(rids, drafts, accepted):
+            if not len(d):
+                continue
+            with_draft += 1
+            self.router.observe(rid, len(d), int(a), expected=float(d.probs.sum()), source=d.source)
+            c.drafted += len(d)
+            c.accepted += int(a)
+            row = c.by_source.setdefault(d.source, [0, 0, 0])
+            row[0] += 1
+            row[1] += len(d)
+            row[2] += int(a)
+        if with_draft >= 2:
+            c.batched_verify_steps += 1
+        c.max_verify_batch = max(c.max_verify_batch, with_draft)
+
+    def record_step(self, kind: str, tokens: int, ms: float, forward_ms: float,
+                    attention_ms: float = 0.0) -> None:
+        """A finished forward step ('plain' or 'verify'): the router's cost model and counters."""
+        c = self.counters
+        verify = kind == "verify"
+        self.router.observe_step(tokens, ms, verify=verify)
+        if verify:
+            c.verify_steps += 1
+            c.verify_ms += ms
+            c.verify_forward_ms += forward_ms
+            c.verify_tokens += tokens
+        else:
+            c.plain_steps += 1
+            c.plain_ms += ms
+        row = c.step_profile.setdefault(f"{kind}:{tokens}", [0, 0.0, 0.0, 0.0])
+        row[0] += 1
+        row[1] += ms
+        row[2] += forward_ms
+        row[3] += attention_ms
+
+    # ---- introspection ------------------------------------------------------------------------
+    def stats(self) -> dict:
+        idx = self.index
+        return {
+            "active_requests": sorted(str(r) for r in self.suffix.indexed),
+            "num_active_requests": idx.num_active_requests,
+            "num_cached_responses": idx.num_cached_responses,
+            "cached_response_ids": [str(r) for _, r in idx.cached_responses()],
+            "index_memory_bytes": idx.memory_bytes(),
+            "tracked_requests": len(self._prev),
+            "router_records": len(self.router),
+            "hidden_states": len(self.owl.hidden) if self.owl is not None else 0,
+            "cost_model_ms": self.router.cost.params,  # (a, b, c) of the router's step model
+            "refusals": dict(self.router.refusals),
+            **self.counters.as_dict(),
+        }
+
+
+def verify_layout(drafts: Sequence[Draft], seq_lens: Sequence[int], roots: Sequence[int]):
+    """Token ids, positions and [1 + n, 1 + n] tree masks of a ragged verify batch: request b
+    verifies its root (the last committed token, at position seq_lens[b]) and its n_b draft
+    tokens, each at the position of its depth in the tree."""
+    ids, pos, masks = [], [], []
+    for b, d in enumerate(drafts):
+        ids.append(int(roots[b]))
+        ids.extend(d.token_ids.tolist())
+        depth = d.depths() if len(d) else np.zeros(0, np.int32)
+        pos.append(int(seq_lens[b]))
+        pos.extend((int(seq_lens[b]) + depth).tolist())
+        masks.append(torch.from_numpy(d.tree_mask(include_root=True)))
+    return ids, pos, masks

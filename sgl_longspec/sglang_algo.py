@@ -1,0 +1,117 @@
+"""LONGSPEC as a speculative algorithm of its own in SGLang's registry (public route only).
+
+`SpeculativeAlgorithm.register("LONGSPEC", spec_class=LongSpecAlgo)`: the spec class answers SGLang's
+capability hooks for what LONGSPEC is, a host-drafted algorithm without draft KV, and not an NGRAM
+in disguise (`is_ngram()` stays False, so none of NGRAM's scheduler branches run for it).
+`handle_server_args` gives a bare `python -m sglang.launch_server --speculative-algorithm
+LONGSPEC` sane defaults: the verify window from --longspec-max-spec-tokens, LONGSPEC's attention
+backend for the device, and the synchronous schedule (see below).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sgl_longspec import sglang_compat
+from sgl_longspec.config import LongSpecConfig
+
+logger = logging.getLogger("sgl_longspec")
+
+ALGORITHM_NAME = "LONGSPEC"
+
+# Why not the overlap schedule: LONGSPEC drafts on the host from each request's committed tokens
+# (suffix index, router record), which under overlap are one step behind when the next step is
+# prepared; its verify also runs the rejection sampler on the host. Supporting overlap means
+# drafting from the relayed accept buffers as NGRAM does, a GPU-only change that has not run yet.
+# SGLang's CPU engine runs every speculative algorithm synchronously anyway.
+SUPPORTS_OVERLAP = False
+
+
+def _spec_class():
+    base = sglang_compat.name("CustomSpecAlgo")
+
+    class LongSpecAlgo(base):
+        def has_draft_kv(self) -> bool:
+            return False  # drafts live in the verify pass only: one KV slot per draft token
+
+        def supports_mixed_chunk(self) -> bool:
+            return False
+
+        def handle_server_args(self, server_args) -> None:
+            configure_server_args(server_args)
+
+    # SGLang 0.5.23's CustomSpecAlgo lacks three methods that its scheduler calls for every
+    # algorithm (init_disaggregation, overlap set-up); defined only where the base lacks them.
+    if not hasattr(base, "carries_draft_hidden_states"):
+        LongSpecAlgo.carries_draft_hidden_states = lambda self: False
+    if not hasattr(base, "need_topk"):
+        LongSpecAlgo.need_topk = lambda self: False
+    if not hasattr(base, "create_future_map"):
+        def create_future_map(self, device, req_to_token_pool, needs_cpu_seq_lens=True,
+                              needs_confidence_relay=False):
+            from sglang.srt.managers.overlap_utils import FutureMap
+
+            return FutureMap(device, self, req_to_token_pool, needs_cpu_seq_lens,
+                             needs_confidence_relay)
+
+        LongSpecAlgo.create_future_map = create_future_map
+    return LongSpecAlgo
+
+
+def configure_server_args(server_args) -> None:
+    """SGLang's per-algorithm server-args hook (it records what is assigned here)."""
+    from sgl_longspec.attention_backends import select_backend
+
+    cfg = LongSpecConfig.from_env()
+    if server_args.speculative_draft_model_path and not cfg.drafter_path:
+        # The OWL checkpoint may come as SGLang's own draft-model flag.
+        cfg.drafter_path = str(server_args.speculative_draft_model_path)
+        cfg.to_env()
+    window = server_args.speculative_num_draft_tokens
+    if window is None:
+        window = cfg.max_spec_tokens + 1
+        server_args.speculative_num_draft_tokens = window
+    cfg.validate(int(window))
+    device = str(server_args.device or "cuda")
+    backend = select_backend("cpu" if device == "cpu" else "cuda", server_args.attention_backend)
+    if backend != server_args.attention_backend:
+        logger.info("LONGSPEC: attention backend %s (asked: %s)", backend,
+                    server_args.attention_backend)
+    server_args.attention_backend = backend
+    if not SUPPORTS_OVERLAP and not server_args.disable_overlap_schedule:
+        server_args.disable_overlap_schedule = True
+    server_args.enable_mixed_chunk = False
+
+
+def register_longspec_algorithm() -> None:
+    """Register LONGSPEC (idempotent: SGLang calls plugins in every process)."""
+    if sglang_compat.algorithm_registered(ALGORITHM_NAME):
+        return
+
+    def factory(server_args):
+        from sgl_longspec.sglang_worker import LongSpecWorker
+
+        return LongSpecWorker
+
+    sglang_compat.name("SpeculativeAlgorithm").register(
+        ALGORITHM_NAME, supports_overlap=SUPPORTS_OVERLAP, spec_class=_spec_class())(factory)
+
+
+def register_unsupported(problem: str) -> None:
+    """Under an unsupported SGLang: register LONGSPEC, if the registry can still be reached, with
+    a validator that stops the server start with `problem`; plain servers start as usual."""
+    try:
+        from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+    except Exception:
+        return  # no registry at all: SGLang will answer "unknown algorithm"; the log says why
+
+    def refuse(server_args):
+        raise ValueError(f"--speculative-algorithm {ALGORITHM_NAME}: {problem}")
+
+    def factory(server_args):
+        refuse(server_args)
+
+    try:
+        SpeculativeAlgorithm.register(ALGORITHM_NAME, validate_server_args=refuse)(factory)
+    except Exception as e:
+        logger.error("sgl-longspec: cannot register %s either: %s", ALGORITHM_NAME, e)

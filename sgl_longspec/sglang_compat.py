@@ -1,0 +1,146 @@
+"""Every SGLang name sgl-longspec uses, in one place, behind a version check.
+
+The rest of the package imports SGLang only through this module (the CPU attention backend and the
+GPU backend subclass SGLang's backends and import those two classes where they are defined). When
+SGLang moves a name, this file is the one to change; when SGLang is outside the supported range,
+`check_version()` says so by name instead of failing somewhere deep in the scheduler.
+
+What is used, and why it is public enough:
+- `SpeculativeAlgorithm.register` / `from_string` and the `CustomSpecAlgo` hooks (spec_info.py):
+  the plugin route for speculative algorithms.
+- `register_attention_backend` and `add_attention_backend_choices`: the attention registry.
+- `HookRegistry`: the plugin framework's hooks (extra CLI flags, request validation).
+- The speculative worker protocol (`BaseSpecWorker`, `GenerationBatchResult`, `ForwardMode`,
+  `CaptureHiddenMode`) and the helpers SGLang's own speculative workers share
+  (`assign_extend_cache_locs_func`, `move_accept_tokens_to_target_kvcache`,
+  `compute_spec_logprobs`, `NgramVerifyInput` as the no-draft-KV spec input).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from importlib import metadata
+
+# The SGLang releases this package is written and tested against: [min, max).
+SUPPORTED_MIN = (0, 5, 23)
+SUPPORTED_MAX = (0, 5, 24)
+SUPPORTED_RANGE = ">=0.5.23,<0.5.24"
+
+
+class SGLangVersionError(RuntimeError):
+    pass
+
+
+def _parse(version: str) -> tuple[int, ...]:
+    parts = []
+    for p in version.split("+")[0].split("."):
+        digits = "".join(ch for ch in p if ch.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+        if not p.isdigit():  # 0.5.24rc1 -> (0, 5, 24)
+            break
+    return tuple(parts)
+
+
+def installed_version() -> str | None:
+    try:
+        return metadata.version("sglang")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def version_problem(version: str | None = None) -> str | None:
+    """Why the installed SGLang cannot be used (None when it can)."""
+    version = installed_version() if version is None else version
+    if version is None:
+        return f"sglang is not installed (sgl-longspec needs sglang{SUPPORTED_RANGE})"
+    v = _parse(version)
+    if not (SUPPORTED_MIN <= v < SUPPORTED_MAX):
+        return (f"sgl-longspec supports sglang{SUPPORTED_RANGE}, but sglang {version} is "
+                "installed; install a supported SGLang or an sgl-longspec release for this one")
+    return None
+
+
+def check_version() -> None:
+    problem = version_problem()
+    if problem:
+        raise SGLangVersionError(problem)
+
+
+# ---- names --------------------------------------------------------------------------------
+# Resolved lazily: importing SGLang's scheduler modules is slow and, in the launcher process,
+# must happen after the CPU environment is prepared.
+
+_NAMES = {
+    "SpeculativeAlgorithm": "sglang.srt.speculative.spec_info",
+    "CustomSpecAlgo": "sglang.srt.speculative.spec_info",
+    "BaseSpecWorker": "sglang.srt.speculative.base_spec_worker",
+    "NgramVerifyInput": "sglang.srt.speculative.ngram_info",
+    "move_accept_tokens_to_target_kvcache": "sglang.srt.speculative.spec_utils",
+    "compute_spec_logprobs": "sglang.srt.layers.logprob_processor",
+    "assign_extend_cache_locs_func": "sglang.kernels.ops.speculative.cache_locs",
+    "GenerationBatchResult": "sglang.srt.managers.utils",
+    "ForwardMode": "sglang.srt.model_executor.forward_batch_info",
+    "CaptureHiddenMode": "sglang.srt.model_executor.forward_batch_info",
+    "get_device": "sglang.srt.runtime_context",
+    "get_spec": "sglang.srt.runtime_context",
+    "get_tp_group": "sglang.srt.distributed",
+    "register_attention_backend": "sglang.srt.layers.attention.attention_registry",
+    "ATTENTION_BACKENDS": "sglang.srt.layers.attention.attention_registry",
+    "add_attention_backend_choices": "sglang.srt.server_args",
+    "HookRegistry": "sglang.srt.plugins.hook_registry",
+    "HookType": "sglang.srt.plugins.hook_registry",
+}
+
+
+@functools.cache
+def name(attr: str):
+    """The SGLang object `attr` (one of _NAMES), imported on first use."""
+    module = importlib.import_module(_NAMES[attr])
+    try:
+        return getattr(module, attr)
+    except AttributeError as e:
+        raise SGLangVersionError(
+            f"sglang {installed_version()} has no {_NAMES[attr]}.{attr}; "
+            f"sgl-longspec supports sglang{SUPPORTED_RANGE}") from e
+
+
+def __getattr__(attr: str):  # `from sgl_longspec.sglang_compat import ForwardMode`
+    if attr in _NAMES:
+        return name(attr)
+    raise AttributeError(attr)
+
+
+# ---- registries ---------------------------------------------------------------------------
+
+def algorithm_registered(algo: str) -> bool:
+    try:
+        name("SpeculativeAlgorithm").from_string(algo)
+    except ValueError:
+        return False
+    return True
+
+
+def attention_backend_registered(backend: str) -> bool:
+    return backend in name("ATTENTION_BACKENDS")
+
+
+def add_backend(backend: str, factory) -> None:
+    """Register an attention backend under a new name (idempotent) and let the CLI accept it."""
+    if attention_backend_registered(backend):
+        return
+    name("register_attention_backend")(backend)(factory)
+    name("add_attention_backend_choices")([backend])
+
+
+def hook(target: str, fn, kind: str) -> None:
+    """HookRegistry.register(target, fn, HookType[kind]) for 'BEFORE' / 'AFTER' / 'AROUND'."""
+    name("HookRegistry").register(target, fn, getattr(name("HookType"), kind))
+
+
+# Hook targets (dotted paths into SGLang), kept here with the other names.
+ADD_CLI_ARGS = "sglang.srt.server_args.ServerArgs.add_cli_args"
+FROM_CLI_ARGS = "sglang.srt.server_args.ServerArgs.from_cli_args"
+VALIDATE_REQUEST = "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request"

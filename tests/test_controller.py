@@ -1,0 +1,226 @@
+"""The engine-independent controller on a fake batch harness: no server, no model.
+
+The "target model" is deterministic: each request has a true token stream (its prompt followed by
+its continuation), and the target's greedy next token after a context that is a prefix of the
+stream is the stream's next token (anything else maps to a fixed function of the last token).
+The harness plays SGLang's part: it builds the ragged verify batch from the controller's plan,
+gives one-hot logits per verify slot, and appends the accepted tokens. Greedy output must then be
+exactly the stream, whatever was drafted; the counters must show that the paths under test ran.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sgl_longspec.config import LongSpecConfig
+from sgl_longspec.controller import LongSpecController, RequestView, SamplingParams, verify_layout
+from sgl_longspec.draft import Draft
+
+VOCAB = 64
+
+
+def target_next(stream: list[int], context: list[int]) -> int:
+    n = len(context)
+    if n < len(stream) and list(stream[:n]) == list(context):
+        return stream[n]
+    return (context[-1] * 7 + 3) % VOCAB
+
+
+class FakeRequest:
+    def __init__(self, rid, prompt, continuation, aborted=False):
+        self.rid, self.prompt, self.stream = rid, list(prompt), list(prompt) + list(continuation)
+        self.output = [self.stream[len(prompt)]]  # prefill produced the first token
+        self.max_new = len(continuation)
+        self.aborted = aborted
+
+    @property
+    def done(self):
+        return len(self.output) >= self.max_new
+
+    def view(self, plain_only=False):
+        return RequestView(self.rid, self.prompt, self.output, self.max_new - len(self.output),
+                           plain_only, handle=self)
+
+
+def run_step(ctl: LongSpecController, reqs: list[FakeRequest], plain_only=False):
+    """One decode step as the SGLang adapter runs it; returns the plan's drafts."""
+    plan = ctl.plan_step([r.view(plain_only) for r in reqs])
+    if not plan.verify:
+        for r in reqs:
+            r.output.append(target_next(r.stream, r.prompt + r.output))
+        ctl.record_step("plain", len(reqs), 100.0, 100.0)
+        return plan.drafts
+    seq_lens = [len(r.prompt) + len(r.output) - 1 for r in reqs]
+    ids, pos, masks = verify_layout(plan.drafts, seq_lens, [r.output[-1] for r in reqs])
+    rows = []
+    for r, d in zip(reqs, plan.drafts):
+        base = r.prompt + r.output
+        paths = [[]]
+        for i, p in enumerate(d.parents):
+            paths.append((paths[p + 1] if p >= 0 else []) + [int(d.token_ids[i])])
+        rows += [target_next(r.stream, base + path) for path in paths]
+    assert len(rows) == len(ids) == len(pos)
+    logits = torch.full((len(rows), VOCAB), -10.0)
+    logits[torch.arange(len(rows)), torch.tensor(rows)] = 10.0
+    vr = ctl.verify([r.rid for r in reqs], plan.drafts, logits, SamplingParams(all_greedy=True))
+    for r, res in zip(reqs, vr.requests()):
+        r.output.extend(res.output_tokens)
+        del r.output[r.max_new:]
+    ctl.record_step("verify", len(ids), 110.0, 105.0)
+    return plan.drafts
+
+
+def run_to_completion(ctl, reqs, max_steps=500):
+    live = list(reqs)
+    for _ in range(max_steps):
+        live = [r for r in live if not r.done]
+        if not live:
+            break
+        run_step(ctl, live)
+    ctl.release_departed([])  # everything left the batch
+    return reqs
+
+
+def repetitive(seed: int, period: int, repeats: int, tail: int):
+    rng = np.random.default_rng(seed)
+    unit = rng.integers(0, VOCAB, period).tolist()
+    prompt = unit * repeats
+    return prompt, (unit * (tail // period + 2))[:tail]
+
+
+def controller(**cfg):
+    return LongSpecController(LongSpecConfig(drafter_path="none", **cfg), window=16,
+                              finished_ok=lambda req: not req.aborted)
+
+
+def test_greedy_output_is_the_stream_and_batched_verify_ran():
+    ctl = controller()
+    reqs = [FakeRequest(f"r{i}", *repetitive(i, 5 + i, 4, 40)) for i in range(4)]
+    reqs.append(FakeRequest("chat", list(range(10, 30)), list(range(40, 60))))  # nothing to copy
+    run_to_completion(ctl, reqs)
+    for r in reqs:
+        assert r.output == r.stream[len(r.prompt):], r.rid
+    c = ctl.counters
+    assert c.accepted > 0 and c.verify_steps > 0
+    assert c.batched_verify_steps > 0 and c.max_verify_batch >= 2
+    assert not c.fallbacks
+    assert c.by_source["suffix"][2] == c.accepted
+    # every request left: the finished outputs joined the global tree, nothing is tracked
+    assert ctl.index.num_active_requests == 0 and ctl.stats()["tracked_requests"] == 0
+    assert ctl.index.num_cached_responses == len(reqs)
+    assert len(ctl.router) == 0
+
+
+def test_aborted_output_stays_out_of_the_global_tree():
+    ctl = controller()
+    a = FakeRequest("kept", *repetitive(1, 6, 4, 12))
+    b = FakeRequest("aborted", *repetitive(2, 6, 4, 30), aborted=True)
+    run_step(ctl, [a, b])
+    run_step(ctl, [a, b])
+    run_step(ctl, [a])  # b left the batch unfinished
+    assert ctl.index.num_active_requests == 1
+    assert "aborted" not in [str(r) for _, r in ctl.index.cached_responses()]
+    run_to_completion(ctl, [a])
+    assert [str(r) for _, r in ctl.index.cached_responses()] == ["kept"]
+
+
+def test_plain_only_requests_never_draft_but_are_tracked():
+    ctl = controller()
+    r = FakeRequest("g", *repetitive(3, 4, 5, 20))
+    for _ in range(5):
+        drafts = run_step(ctl, [r], plain_only=True)
+        assert not any(len(d) for d in drafts)
+    assert ctl.counters.verify_steps == 0 and ctl.counters.plain_steps == 5
+    assert r.output == r.stream[len(r.prompt):len(r.prompt) + len(r.output)]
+
+
+class BrokenDrafter:
+    name = "suffix"
+
+    def __init__(self, real, bad_rid):
+        self.real, self.bad_rid, self.index = real, bad_rid, real.index
+        self.indexed = real.indexed
+
+    def sync(self, view):
+        self.real.sync(view)
+
+    def propose(self, requests):
+        if any(r.rid == self.bad_rid for r in requests):
+            raise RuntimeError("injected drafter failure")
+        return self.real.propose(requests)
+
+    def forget(self, rid, keep_output):
+        self.real.forget(rid, keep_output)
+
+
+def test_drafter_failure_turns_only_that_request_plain(caplog):
+    ctl = controller()
+    ctl.suffix = BrokenDrafter(ctl.suffix, "bad")
+    good = FakeRequest("good", *repetitive(4, 5, 4, 30))
+    bad = FakeRequest("bad", *repetitive(5, 5, 4, 30))
+    with caplog.at_level("WARNING", logger="sgl_longspec"):
+        run_to_completion(ctl, [good, bad])
+    assert good.output == good.stream[len(good.prompt):]
+    assert bad.output == bad.stream[len(bad.prompt):]  # plain decoding, still correct
+    c = ctl.counters
+    assert c.fallbacks == {"suffix_drafter": 1} and c.fallback_requests["suffix_drafter"] == 1
+    assert c.by_source["suffix"][0] > 0  # the good request kept speculating
+    assert "Traceback" in caplog.text and "injected drafter failure" in caplog.text
+
+
+def test_index_failure_is_counted_by_cause():
+    ctl = controller()
+    r = FakeRequest("x", *repetitive(6, 5, 4, 10))
+
+    def broken_sync(view):
+        raise ValueError("injected index failure")
+
+    ctl.suffix.sync = broken_sync
+    run_to_completion(ctl, [r])
+    assert r.output == r.stream[len(r.prompt):]
+    assert ctl.counters.fallbacks == {"index": 1}  # once: the request then stays plain
+    assert ctl.counters.verify_steps == 0
+
+
+def test_budget_never_exceeds_window_or_remaining_tokens():
+    ctl = LongSpecController(LongSpecConfig(drafter_path="none", max_spec_tokens=7), window=8)
+    r = FakeRequest("w", *repetitive(7, 3, 10, 9))
+    while not r.done:
+        remaining = r.max_new - len(r.output)
+        drafts = run_step(ctl, [r])
+        assert all(len(d) <= min(7, max(remaining - 1, 0)) for d in drafts)
+    assert r.output == r.stream[len(r.prompt):]
+
+
+def test_sampling_verify_accepts_a_certain_draft():
+    """At T > 0 with one-hot targets the lossless sampler accepts exactly what greedy accepts."""
+    ctl = controller()
+    reqs = [FakeRequest("s", *repetitive(8, 5, 4, 20))]
+    plan = ctl.plan_step([r.view() for r in reqs])
+    assert plan.verify
+    d = plan.drafts[0]
+    rows = len(d) + 1
+    logits = torch.full((rows, VOCAB), -1e4)
+    r = reqs[0]
+    base = r.prompt + r.output
+    paths = [[]]
+    for i, p in enumerate(d.parents):
+        paths.append((paths[p + 1] if p >= 0 else []) + [int(d.token_ids[i])])
+    for j, path in enumerate(paths):
+        logits[j, target_next(r.stream, base + path)] = 1e4
+    t = torch.ones(1)
+    vr = ctl.verify(["s"], plan.drafts, logits, SamplingParams(False, t, torch.full((1,), -1),
+                                                               t, torch.zeros(1)))
+    assert int(vr.accept_lens[0]) == len(d)
+
+
+@pytest.mark.parametrize("bs", [1, 3])
+def test_verify_layout_positions_follow_tree_depth(bs):
+    drafts = [Draft([5, 6, 7], [-1, 0, -1]), Draft.empty(), Draft.chain([1, 2])][:bs]
+    ids, pos, masks = verify_layout(drafts, [10, 20, 30][:bs], [9, 8, 7][:bs])
+    assert ids[:4] == [9, 5, 6, 7] and pos[:4] == [10, 11, 12, 11]
+    if bs == 3:
+        assert ids[4:] == [8, 7, 1, 2] and pos[4:] == [20, 30, 31, 32]
+    assert [m.shape[0] for m in masks] == [1 + len(d) for d in drafts]
