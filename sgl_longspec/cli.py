@@ -82,6 +82,14 @@ def apply_longspec_args(extra: list[str]) -> list[str]:
     return extra
 
 
+def _int_flag(args: list[str], names: tuple[str, ...], default: int = 1) -> int:
+    for name in names:
+        v = _flag_value(args, name)
+        if v is not None:
+            return int(v)
+    return default
+
+
 def _flag_value(args: list[str], flag: str) -> str | None:
     for i, a in enumerate(args):
         if a == flag and i + 1 < len(args):
@@ -99,6 +107,11 @@ def start_server(model_path: str | None, host: str, port: int, extra: list[str],
     extra = apply_longspec_args(extra)
     path = str(resolve_model_path(model_path))
     on_cpu = cpu.prepare_environment()
+    ranks = (_int_flag(extra, ("--tp", "--tp-size", "--tensor-parallel-size"))
+             * _int_flag(extra, ("--dp", "--dp-size", "--data-parallel-size"))
+             * _int_flag(extra, ("--pp", "--pp-size", "--pipeline-parallel-size")))
+    if on_cpu and ranks > 1:
+        os.environ.setdefault("SGLANG_CPU_OMP_THREADS_BIND", cpu.threads_bind(ranks))
     cmd = [sys.executable, "-m", "sglang.launch_server",
            *build_launch_args(path, host, port, extra, on_cpu)]
     proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT if log_file else None,

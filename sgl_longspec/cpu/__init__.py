@@ -53,9 +53,33 @@ def prepare_environment() -> bool:
     if cuda_present():
         return False
     os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
+    # SGLang's TP groups try NCCL (PyNcclCommunicator) whenever the NCCL library loads, and the
+    # CUDA build of torch that SGLang pins ships one; on a CPU that then asks for a CUDA device.
+    # With no loadable library PyNccl disables itself, and CPU all-reduce goes through the gloo
+    # group (or the shared-memory kernel where the CPU has AMX).
+    os.environ.setdefault("SGLANG_NCCL_SO_PATH", NO_NCCL)
     if not _real_sgl_kernel_importable():
         install_sgl_kernel_shim()
     return True
+
+
+NO_NCCL = "/nonexistent/sgl-longspec-cpu/no-nccl-on-cpu.so"
+
+
+def threads_bind(ranks: int, cores: int | None = None) -> str:
+    """SGLANG_CPU_OMP_THREADS_BIND for `ranks` processes on this machine's cores, split evenly
+    ("0|1" for 2 ranks on 2 cores): SGLang's CPU engine otherwise wants one NUMA node per rank."""
+    cores = cores or os.cpu_count() or 1
+    if ranks > cores:
+        raise ValueError(f"{ranks} ranks (--tp x --dp) need at least {ranks} CPU cores; this "
+                         f"machine has {cores}")
+    per, extra = divmod(cores, ranks)
+    groups, start = [], 0
+    for r in range(ranks):
+        n = per + (1 if r < extra else 0)
+        groups.append(str(start) if n == 1 else f"{start}-{start + n - 1}")
+        start += n
+    return "|".join(groups)
 
 
 def activate() -> bool:
