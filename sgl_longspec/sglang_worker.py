@@ -269,7 +269,7 @@ class LongSpecWorker(sglang_compat.name("BaseSpecWorker")):
         if not batch.forward_mode.is_decode():
             return self._forward_extend(batch, on_publish, pp_proxy_tensors)
         out = self._forward_decode(batch, on_publish, pp_proxy_tensors)
-        if self.stats_file:
+        if self.stats_file and self.tp.decides:
             self._write_stats()
         return out
 

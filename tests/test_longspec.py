@@ -563,3 +563,20 @@ def test_bare_sglang_launch_server_longspec(server_pool, plain_outputs, tmp_path
         assert a["output_ids"] == b["output_ids"], f"prompt {i} differs on the bare launch"
     stats = read_stats(stats_file)
     assert stats["accepted"] > 0 and stats["verify_steps"] > 0 and not stats["fallbacks"], stats
+
+
+@pytest.mark.server
+def test_tensor_parallel_two_ranks_on_cpu(server_pool, tmp_path):
+    """`--tp 2` on this CPU (gloo all-reduce; the plugin keeps SGLang off NCCL): LONGSPEC's drafts
+    and verification outcomes are decided on rank 0 and broadcast, and greedy output equals a
+    plain `--tp 2` server's (same reduction order on both)."""
+    prompts = PROMPTS[:3] + PROMPTS[10:13]
+    plain = greedy(server_pool.get(("--tp", "2", "--random-seed", "0")), prompts)
+    stats_file = tmp_path / "tp_stats.json"
+    srv = server_pool.get(LONGSPEC_ARGS + ("--tp", "2"), env={"LONGSPEC_STATS_FILE": str(stats_file)})
+    spec = greedy(srv, prompts)
+    for i, (a, b) in enumerate(zip(plain, spec)):
+        assert a["output_ids"] == b["output_ids"], f"prompt {i} differs under --tp 2"
+    stats = read_stats(stats_file)
+    assert stats["verify_steps"] > 0 and stats["accepted"] > 0 and not stats["fallbacks"], stats
+    assert stats["tp_broadcasts"] >= 2 * stats["verify_steps"], stats  # drafts + outcome per verify
