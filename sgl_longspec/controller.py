@@ -29,6 +29,7 @@ import torch
 
 from sgl_longspec.config import LongSpecConfig
 from sgl_longspec.draft import Draft
+from sgl_longspec.faults import Faults
 from sgl_longspec.router import Router, RouterConfig
 from sgl_longspec.suffix_index import SuffixIndex, SuffixIndexConfig
 from sgl_longspec.verify import VerifyResult, verify_greedy, verify_sampling
@@ -125,6 +126,12 @@ class OwlDrafter:
     def has_state(self, rid: Hashable) -> bool:
         return rid in self.hidden
 
+    def retain(self, rids: set) -> None:
+        """Drop the states of requests outside `rids` (e.g. finished during prefill, never
+        decoded, so never released as departed)."""
+        for rid in [r for r in self.hidden if r not in rids]:
+            del self.hidden[rid]
+
     def propose(self, requests: Sequence[DraftRequest]) -> list[Draft]:
         if not requests:
             return []
@@ -198,7 +205,8 @@ class Counters:
 
 class LongSpecController:
     def __init__(self, config: LongSpecConfig, window: int, owl_model=None,
-                 finished_ok: Callable[[object], bool] = lambda handle: True):
+                 finished_ok: Callable[[object], bool] = lambda handle: True,
+                 faults: Optional[Faults] = None):
         """window: verify width per request including the root (SGLang's
         --speculative-num-draft-tokens); finished_ok(handle): whether a request that left the
         batch finished normally (its output then joins the global tree)."""
@@ -219,6 +227,7 @@ class LongSpecController:
             batch_draft_budget=cfg.batch_draft_budget, max_draft_tokens=cfg.max_spec_tokens,
             backoff_steps=cfg.backoff_steps, cost_aware=cfg.cost_aware))
         self.counters = Counters()
+        self.faults = faults or Faults("")
         self._prev: dict[Hashable, object] = {}  # rid -> handle, the previous decode batch
         self._plain: set[Hashable] = set()  # requests turned to plain decoding by a failure
 
@@ -283,11 +292,14 @@ class LongSpecController:
         """Release departed requests, index new tokens, draft, and let the router decide."""
         t0 = time.perf_counter()
         self.release_departed(views)
+        if self.owl is not None:
+            self.owl.retain({v.rid for v in views})
         bs = len(views)
         eligible = [not v.plain_only and v.rid not in self._plain for v in views]
         for i, v in enumerate(views):
             if eligible[i]:
                 try:
+                    self.faults.check("index")
                     self.suffix.sync(v)
                 except Exception:
                     self.fallback("index", [v.rid], f"indexing request {v.rid}")
@@ -310,6 +322,7 @@ class LongSpecController:
         for i, v in enumerate(views):
             if budgets[i] > 0 and self.router.wants_source(v.rid, "suffix", len(views), budgets[i]):
                 try:
+                    self.faults.check("suffix_drafter")
                     out[i] = self.suffix.propose([DraftRequest(v.rid, v.output[-1], budgets[i])])[0]
                 except Exception:
                     self.fallback("suffix_drafter", [v.rid], f"suffix draft for {v.rid}")
@@ -331,6 +344,7 @@ class LongSpecController:
             return out
         t0 = time.perf_counter()
         try:
+            self.faults.check("owl_drafter")
             trees = self.owl.propose([DraftRequest(views[i].rid, views[i].output[-1], budgets[i])
                                       for i in rows])
         except Exception:
@@ -346,6 +360,7 @@ class LongSpecController:
                sampling: SamplingParams) -> VerifyResult:
         """Verify the drafts against the target logits of a ragged verify batch (one row per slot,
         request after request) and teach the router what was accepted."""
+        self.faults.check("verify")
         if sampling.all_greedy:
             vr = verify_greedy(list(drafts), logits)
         else:
@@ -404,6 +419,7 @@ class LongSpecController:
             "tracked_requests": len(self._prev),
             "router_records": len(self.router),
             "hidden_states": len(self.owl.hidden) if self.owl is not None else 0,
+            "injected_faults": dict(self.faults.injected),
             "cost_model_ms": self.router.cost.params,  # (a, b, c) of the router's step model
             "refusals": dict(self.router.refusals),
             **self.counters.as_dict(),

@@ -33,6 +33,7 @@ import torch
 from sgl_longspec import sglang_compat
 from sgl_longspec.config import LongSpecConfig
 from sgl_longspec.controller import LongSpecController, RequestView, SamplingParams, verify_layout
+from sgl_longspec.faults import Faults
 from sgl_longspec.tp_sync import RankZeroDecisions, tp_group
 
 logger = logging.getLogger("sgl_longspec")
@@ -169,9 +170,14 @@ class LongSpecWorker(sglang_compat.name("BaseSpecWorker")):
         # Only the deciding rank drafts; the others follow its broadcast decisions.
         drafter = self._load_drafter() if self.tp.decides else None
         self.controller = LongSpecController(self.config, self.window, owl_model=drafter,
-                                             finished_ok=_finished_ok)
+                                             finished_ok=_finished_ok, faults=Faults())
         # Optional JSON snapshot of the worker's state after every decode step (tests, debugging).
         self.stats_file = os.environ.get("LONGSPEC_STATS_FILE") or None
+        self.prometheus = None
+        if getattr(server_args, "enable_metrics", False) and self.tp.decides:
+            from sgl_longspec.metrics import PrometheusCounters
+
+            self.prometheus = PrometheusCounters()
         logger.info("LONGSPEC worker: window=%d tp_rank=%d/%d config=%s", self.window,
                     self.tp.rank, self.tp.world_size, self.config)
 
@@ -252,7 +258,7 @@ class LongSpecWorker(sglang_compat.name("BaseSpecWorker")):
         prompt = getattr(req, "origin_input_ids_unpadded", None) or req.origin_input_ids
         return RequestView(rid=req.rid, prompt=prompt, output=req.output_ids,
                            remaining=req.sampling_params.max_new_tokens - len(req.output_ids),
-                           plain_only=plain_only, handle=req)
+                           plain_only=plain_only or _opted_out(req), handle=req)
 
     def _plan(self, batch) -> list:
         """This step's drafts, decided on rank 0 and the same on every rank."""
@@ -269,6 +275,8 @@ class LongSpecWorker(sglang_compat.name("BaseSpecWorker")):
         if not batch.forward_mode.is_decode():
             return self._forward_extend(batch, on_publish, pp_proxy_tensors)
         out = self._forward_decode(batch, on_publish, pp_proxy_tensors)
+        if self.prometheus is not None:
+            self.prometheus.update(self.controller.counters, self.controller.router.refusals)
         if self.stats_file and self.tp.decides:
             self._write_stats()
         return out
@@ -474,6 +482,13 @@ def _finished_ok(req) -> bool:
     """A request that left the batch finished normally (not aborted, not retracted)."""
     reason = getattr(req, "finished_reason", None)
     return bool(req.finished()) and type(reason).__name__ != "FINISH_ABORT"
+
+
+def _opted_out(req) -> bool:
+    """A request may turn speculation off for itself: `"sampling_params": {"custom_params":
+    {"longspec": "off"}}` (e.g. to compare with plain decoding on the same server)."""
+    params = getattr(req.sampling_params, "custom_params", None)
+    return isinstance(params, dict) and str(params.get("longspec", "")).lower() == "off"
 
 
 def _batch_needs_engine_sampler(batch) -> bool:

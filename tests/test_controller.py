@@ -224,3 +224,42 @@ def test_verify_layout_positions_follow_tree_depth(bs):
     if bs == 3:
         assert ids[4:] == [8, 7, 1, 2] and pos[4:] == [20, 30, 31, 32]
     assert [m.shape[0] for m in masks] == [1 + len(d) for d in drafts]
+
+
+def test_fault_spec_parsing():
+    from sgl_longspec.faults import Faults, InjectedFault, parse
+
+    assert parse("verify:0.5, index") == {"verify": 0.5, "index": 1.0}
+    with pytest.raises(ValueError, match="unknown fault point"):
+        parse("forward:1")
+    with pytest.raises(ValueError, match="probability"):
+        parse("verify:2")
+    f = Faults("verify:1", seed=0)
+    with pytest.raises(InjectedFault):
+        f.check("verify")
+    f.check("index")  # not armed
+    assert f.injected == {"verify": 1}
+
+
+def test_injected_verify_fault_is_counted():
+    from sgl_longspec.faults import Faults
+
+    ctl = LongSpecController(LongSpecConfig(drafter_path="none"), window=16,
+                             faults=Faults("verify:1", seed=0))
+    r = FakeRequest("v", *repetitive(9, 5, 4, 10))
+    with pytest.raises(RuntimeError, match="injected"):
+        run_step(ctl, [r])
+
+
+def test_hidden_states_of_requests_that_never_decode_are_released():
+    """A request that finishes during prefill never reaches a decode batch (so never departs
+    from one): its OWL hidden state must not stay behind."""
+
+    class NoModel:
+        embedding_weight = torch.zeros(1)
+
+    ctl = LongSpecController(LongSpecConfig(), window=16, owl_model=NoModel())
+    ctl.remember_hidden(["short", "long"], torch.zeros(2, 4))  # prefill of both
+    assert ctl.stats()["hidden_states"] == 2
+    ctl.plan_step([FakeRequest("long", *repetitive(10, 4, 3, 8)).view()])  # only "long" decodes
+    assert ctl.stats()["hidden_states"] == 1 and ctl.owl.has_state("long")

@@ -529,6 +529,35 @@ def test_sampling_matches_plain_distribution(longspec, plain_outputs):
 
 
 @pytest.mark.server
+def test_prometheus_counters_match_the_worker(server_pool, tmp_path):
+    """With --enable-metrics, LONGSPEC's counters appear on SGLang's /metrics and agree with the
+    worker's own record."""
+    import re
+
+    import requests
+
+    stats_file = tmp_path / "metrics_stats.json"
+    srv = server_pool.get(LONGSPEC_ARGS + ("--enable-metrics",),
+                          env={"LONGSPEC_STATS_FILE": str(stats_file)})
+    greedy(srv, PROMPTS[:4])
+    text = requests.get(srv.base_url + "/metrics", timeout=60).text
+    stats = read_stats(stats_file)
+
+    def value(name, **labels):
+        sel = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        m = re.search(rf'^sglang:longspec_{name}_total{{[^}}]*{sel}[^}}]*}} ([0-9.e+]+)$', text, re.M)
+        assert m, (name, labels, [ln for ln in text.splitlines() if "longspec" in ln])
+        return float(m.group(1))
+
+    drafts, drafted, accepted = stats["by_source"]["suffix"]
+    assert accepted > 0
+    assert value("accepted_tokens", drafter="suffix") == accepted
+    assert value("draft_tokens", drafter="suffix") == drafted
+    assert value("steps", kind="verify") == stats["verify_steps"]
+    assert value("steps", kind="plain") == stats["plain_steps"]
+
+
+@pytest.mark.server
 def test_owl_drafts_greedy_identical_to_plain(server_pool, plain_outputs, tmp_path):
     """OWL-only LONGSPEC (`--longspec-suffix-drafts false`): the shipped drafter's trees are
     verified, some of their tokens accepted, and greedy output stays identical to plain decoding."""
@@ -543,6 +572,28 @@ def test_owl_drafts_greedy_identical_to_plain(server_pool, plain_outputs, tmp_pa
     assert drafts > 0 and accepted > 0, stats["by_source"]
     assert "suffix" not in stats["by_source"], stats["by_source"]
     assert sum(row[2] for row in stats["by_source"].values()) == stats["accepted"]
+
+
+@pytest.mark.server
+def test_injected_faults_fall_back_losslessly(server_pool, plain_outputs, tmp_path):
+    """Every named fault point fires (LONGSPEC_INJECT_FAULTS): each failure is counted by its
+    cause, only the requests it touched decode plainly, output stays identical to plain decoding,
+    and the server keeps answering and speculating for new requests."""
+    stats_file = tmp_path / "fault_stats.json"
+    env = {"LONGSPEC_STATS_FILE": str(stats_file), "LONGSPEC_FAULT_SEED": "1",
+           "LONGSPEC_INJECT_FAULTS": "index:0.02,suffix_drafter:0.05,owl_drafter:0.3,verify:0.2"}
+    srv = server_pool.get(LONGSPEC_ARGS, env=env)
+    n = 12
+    spec = greedy(srv, PROMPTS[:n])
+    for i, (a, b) in enumerate(zip(plain_outputs["single"][:n], spec)):
+        assert a["output_ids"] == b["output_ids"], f"prompt {i} differs under injected faults"
+    stats = read_stats(stats_file)
+    injected = {k: v for k, v in stats["injected_faults"].items() if v}
+    assert set(injected) == {"index", "suffix_drafter", "owl_drafter", "verify"}, stats
+    assert stats["fallbacks"] == injected, (stats["fallbacks"], injected)
+    assert stats["verify_steps"] > 0 and stats["accepted"] > 0, stats
+    assert srv.log_path.read_text(errors="replace").count("Traceback") >= len(injected)
+    assert stats["num_active_requests"] <= 1 and stats["tracked_requests"] <= 1, stats
 
 
 @pytest.mark.server

@@ -1,0 +1,53 @@
+"""Named fault points for testing the fallback paths (a debug option, off unless set).
+
+LONGSPEC_INJECT_FAULTS="point:probability[,point:probability...]" makes the named point raise
+InjectedFault with that probability each time it is reached (seeded by LONGSPEC_FAULT_SEED,
+default 0, so a run is repeatable). Points:
+
+- index: bringing a request's suffix tree up to date;
+- suffix_drafter / owl_drafter: drafting;
+- verify: the verify step (after the target forward, before any token is committed).
+
+Each fault must turn only the requests it touched to plain decoding, be counted in the worker's
+`fallbacks` by its point's cause, and leave the output lossless (tests/test_longspec.py).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+POINTS = ("index", "suffix_drafter", "owl_drafter", "verify")
+
+
+class InjectedFault(RuntimeError):
+    pass
+
+
+def parse(spec: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        point, _, prob = item.partition(":")
+        if point not in POINTS:
+            raise ValueError(f"LONGSPEC_INJECT_FAULTS: unknown fault point {point!r}; "
+                             f"points: {', '.join(POINTS)}")
+        p = float(prob) if prob else 1.0
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"LONGSPEC_INJECT_FAULTS: probability of {point} must be in [0, 1]")
+        out[point] = p
+    return out
+
+
+class Faults:
+    def __init__(self, spec: str | None = None, seed: int | None = None):
+        spec = os.environ.get("LONGSPEC_INJECT_FAULTS", "") if spec is None else spec
+        self.prob = parse(spec)
+        self.rng = random.Random(int(os.environ.get("LONGSPEC_FAULT_SEED", "0")) if seed is None
+                                 else seed)
+        self.injected = {p: 0 for p in self.prob}
+
+    def check(self, point: str) -> None:
+        p = self.prob.get(point)
+        if p and self.rng.random() < p:
+            self.injected[point] += 1
+            raise InjectedFault(f"injected fault at {point} (LONGSPEC_INJECT_FAULTS)")
