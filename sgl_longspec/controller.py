@@ -19,6 +19,7 @@ between lives here and is tested on a fake batch harness (tests/test_controller.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -197,7 +198,7 @@ class Counters:
     step_profile: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
-        out = {k: v for k, v in self.__dict__.items()}
+        out = dict(self.__dict__)
         out["fallbacks"] = dict(self.fallbacks)
         out["fallback_requests"] = dict(self.fallback_requests)
         return out
@@ -241,8 +242,6 @@ class LongSpecController:
             logger.exception("LONGSPEC fallback (%s): %s; plain decoding for %d request(s)",
                              cause, what, len(rids))
         else:
-            import sys
-
             logger.warning("LONGSPEC fallback (%s, #%d): %s: %r", cause,
                            self.counters.fallbacks[cause], what, sys.exc_info()[1])
         for rid in rids:

@@ -208,10 +208,6 @@ class LongSpecWorker(sglang_compat.name("BaseSpecWorker")):
         logger.info("LONGSPEC: OWL drafter %s (%d parameters of its own)", path, drafter.num_parameters())
         return drafter
 
-    @property
-    def drafter(self):
-        return self.controller.owl.model if self.controller.owl is not None else None
-
     def _capture_mode(self, full: bool):
         if not self.controller.wants_hidden_states:
             return None

@@ -1,10 +1,11 @@
 """Everything SGLang needs to serve on a machine without CUDA, in one place.
 
-`activate()` is called by the plugin in every SGLang process (and by the CLI before SGLang is
-imported). It does nothing when CUDA is present. Otherwise it:
+`prepare_environment()` is called by the plugin in every SGLang process (and by the CLI before
+SGLang is imported). It does nothing when CUDA is present. Otherwise it:
 - turns on SGLang's CPU engine (SGLANG_USE_CPU_ENGINE=1) unless the user set it;
+- keeps SGLang's TP groups off NCCL (see the comment in the function);
 - makes `import sgl_kernel` resolve to the pure-PyTorch shim in ./_shim when the real CPU build of
-  sgl_kernel is not importable (it is not on PyPI);
+  sgl_kernel is not importable (it is not on PyPI).
 The verify-capable CPU attention backend is registered under its own name, `longspec_cpu`, by
 sgl_longspec.attention_backends; SGLang's `torch_native` is left as it is.
 """
@@ -17,7 +18,6 @@ import sys
 from pathlib import Path
 
 SHIM_DIR = str(Path(__file__).parent / "_shim")
-_activated = False
 
 
 def cuda_present() -> bool:
@@ -49,7 +49,8 @@ def install_sgl_kernel_shim() -> None:
 
 
 def prepare_environment() -> bool:
-    """Environment-only part of activate(): safe to call before SGLang is imported."""
+    """Idempotent and safe to call before SGLang is imported; True when CUDA is absent (the CPU
+    support layer is then active in this process and its children)."""
     if cuda_present():
         return False
     os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
@@ -81,13 +82,3 @@ def threads_bind(ranks: int, cores: int | None = None) -> str:
         start += n
     return "|".join(groups)
 
-
-def activate() -> bool:
-    """Idempotent; returns True when the CPU support layer is active in this process."""
-    global _activated
-    if _activated:
-        return True
-    if not prepare_environment():
-        return False
-    _activated = True
-    return True

@@ -5,7 +5,7 @@ exists only as C++ source (AVX-512/AMX, libnuma); PyPI has none. Each function h
 signature and in-place contract as the op it stands for (semantics read from SGLang's Triton/CUDA
 twins of each op) and is tested against a plain-loop reference in tests/test_cpu_ops.py.
 The shim package `sgl_kernel` (sgl_longspec/cpu/_shim) re-exports them; it is put on the path
-only on machines without CUDA (see sgl_longspec.cpu.activate).
+only on machines without CUDA (see sgl_longspec.cpu.prepare_environment).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """CPU stand-in for the `sgl_kernel` package (pure PyTorch), used only where CUDA is absent.
 
 SGLang's CPU engine imports a handful of `sgl_kernel.*_cpu` ops at module level; the real CPU
-build of sgl_kernel is not on PyPI. sgl_longspec.cpu.activate() puts this folder on sys.path only
+build of sgl_kernel is not on PyPI. sgl_longspec.cpu.prepare_environment() puts this folder on sys.path only
 when no CUDA device exists and the real package is not importable. Names not defined here raise
 ImportError as usual, so SGLang's own fallbacks for optional kernels keep working.
 """
