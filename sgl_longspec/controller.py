@@ -31,6 +31,7 @@ import torch
 from sgl_longspec.config import LongSpecConfig
 from sgl_longspec.draft import Draft
 from sgl_longspec.faults import Faults
+from sgl_longspec.logit_rules import LogitRules, StepRules, grammar_prune
 from sgl_longspec.router import Router, RouterConfig
 from sgl_longspec.suffix_index import SuffixIndex, SuffixIndexConfig
 from sgl_longspec.verify import VerifyResult, verify_greedy, verify_sampling
@@ -46,8 +47,9 @@ class RequestView:
     prompt: Sequence[int]
     output: Sequence[int]  # committed output tokens; output[-1] is the root of its draft
     remaining: int  # tokens it may still generate
-    plain_only: bool = False  # needs a feature only the engine's own sampler implements
+    plain_only: bool = False  # decodes without drafts (opted out, or a custom logit processor)
     handle: object = None  # the engine's request object, handed back to `finished_ok`
+    rules: Optional[LogitRules] = None  # penalties, grammar, logit bias (sgl_longspec.logit_rules)
 
 
 @dataclass
@@ -152,10 +154,17 @@ class StepPlan:
     """The router's decision for one decode step: a draft per request (empty = no draft)."""
 
     drafts: list[Draft]
+    # the batch's logit rules, to apply to the verify logits before acceptance (None: no rules)
+    rules: Optional[StepRules] = None
 
     @property
     def verify(self) -> bool:
         return any(len(d) for d in self.drafts)
+
+    @property
+    def needs_verify_path(self) -> bool:
+        """Verify (drafts, or rules that only the verify path applies exactly: penalties)."""
+        return self.verify or (self.rules is not None and self.rules.stateful)
 
     @property
     def draft_tokens(self) -> int:
@@ -187,6 +196,11 @@ class Counters:
     verify_forward_ms: float = 0.0
     verify_tokens: int = 0
     plain_ms: float = 0.0
+    # draft tokens dropped before verification because the request's grammar forbids them
+    grammar_pruned: int = 0
+    # verify steps of batches with logit rules (penalties, grammars, logit bias; counted by the
+    # engine adapter, which applies them)
+    rule_steps: int = 0
     # per draft source: [verified drafts, draft tokens, accepted tokens]
     by_source: dict = field(default_factory=dict)
     # per cause ("index", "suffix_drafter", "owl_drafter", "verify", "release"): failures, and
@@ -207,12 +221,14 @@ class Counters:
 class LongSpecController:
     def __init__(self, config: LongSpecConfig, window: int, owl_model=None,
                  finished_ok: Callable[[object], bool] = lambda handle: True,
-                 faults: Optional[Faults] = None):
+                 faults: Optional[Faults] = None, vocab_size: int = 1 << 30):
         """window: verify width per request including the root (SGLang's
         --speculative-num-draft-tokens); finished_ok(handle): whether a request that left the
-        batch finished normally (its output then joins the global tree)."""
+        batch finished normally (its output then joins the global tree); vocab_size: the
+        target's (grammar masks cover it)."""
         self.config = config
         self.window = window
+        self.vocab_size = vocab_size
         self.finished_ok = finished_ok
         cfg = config
         self.index = SuffixIndex(SuffixIndexConfig(
@@ -311,8 +327,32 @@ class LongSpecController:
         model = self._owl_drafts(views, budgets, suffix)
         picked = [self.router.pick(s, m, v.rid) for s, m, v in zip(suffix, model, views)]
         drafts = self.router.plan_batch([v.rid for v in views], picked)
+        rules = self.step_rules(views, drafts)
         self.counters.draft_ms += 1e3 * (time.perf_counter() - t0)
-        return StepPlan(drafts)
+        return StepPlan(drafts, rules)
+
+    def step_rules(self, views, drafts: list[Draft], check_faults: bool = True) -> Optional[StepRules]:
+        """Prune each draft to its request's grammar (in place in `drafts`) and collect the
+        batch's logit rules with the grammar masks of every verify slot. (Part of plan_step;
+        under tensor parallelism the other ranks call it on the drafts rank 0 planned.)"""
+        if not any(v.rules is not None and not v.rules.empty for v in views):
+            return None
+        masks: list[Optional[torch.Tensor]] = [None] * len(views)
+        for i, v in enumerate(views):
+            g = v.rules.grammar if v.rules is not None else None
+            if g is None:
+                continue
+            try:
+                if check_faults:
+                    self.faults.check("grammar")
+                pruned, masks[i] = grammar_prune(drafts[i], g, self.vocab_size)
+            except Exception:
+                # The root row still needs its mask: try it without a draft.
+                self.fallback("grammar", [v.rid], f"grammar pruning for {v.rid}")
+                pruned, masks[i] = grammar_prune(Draft.empty(), g, self.vocab_size)
+            self.counters.grammar_pruned += len(drafts[i]) - len(pruned)
+            drafts[i] = pruned
+        return StepRules([v.rules for v in views], [v.output for v in views], masks)
 
     def _suffix_drafts(self, views, budgets) -> list[Draft]:
         out = [Draft.empty()] * len(views)
@@ -358,7 +398,9 @@ class LongSpecController:
     def verify(self, rids: Sequence[Hashable], drafts: Sequence[Draft], logits: torch.Tensor,
                sampling: SamplingParams) -> VerifyResult:
         """Verify the drafts against the target logits of a ragged verify batch (one row per slot,
-        request after request) and teach the router what was accepted."""
+        request after request) and teach the router what was accepted. The plan's logit rules
+        must have been applied to the logits (`StepPlan.rules.apply`, by the engine adapter: its
+        logprobs must see them too, as in plain decoding)."""
         self.faults.check("verify")
         if sampling.all_greedy:
             vr = verify_greedy(list(drafts), logits)

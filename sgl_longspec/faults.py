@@ -6,6 +6,8 @@ default 0, so a run is repeatable). Points:
 
 - index: bringing a request's suffix tree up to date;
 - suffix_drafter / owl_drafter: drafting;
+- grammar: pruning a draft to its request's grammar (the request keeps its grammar mask and
+  decodes without drafts);
 - verify: the verify step (after the target forward, before any token is committed).
 
 Each fault must turn only the requests it touched to plain decoding, be counted in the worker's
@@ -17,7 +19,7 @@ from __future__ import annotations
 import os
 import random
 
-POINTS = ("index", "suffix_drafter", "owl_drafter", "verify")
+POINTS = ("index", "suffix_drafter", "owl_drafter", "grammar", "verify")
 
 
 class InjectedFault(RuntimeError):

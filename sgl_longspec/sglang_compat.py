@@ -80,6 +80,7 @@ _NAMES = {
     "NgramVerifyInput": "sglang.srt.speculative.ngram_info",
     "move_accept_tokens_to_target_kvcache": "sglang.srt.speculative.spec_utils",
     "compute_spec_logprobs": "sglang.srt.layers.logprob_processor",
+    "apply_custom_logit_processor": "sglang.srt.layers.sampler",
     "assign_extend_cache_locs_func": "sglang.kernels.ops.speculative.cache_locs",
     "GenerationBatchResult": "sglang.srt.managers.utils",
     "ForwardMode": "sglang.srt.model_executor.forward_batch_info",

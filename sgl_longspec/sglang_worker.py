@@ -20,6 +20,7 @@ logged with its traceback the first time each cause occurs.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -27,13 +28,16 @@ import os
 import time
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from sgl_longspec import sglang_compat
 from sgl_longspec.config import LongSpecConfig
-from sgl_longspec.controller import LongSpecController, RequestView, SamplingParams, verify_layout
+from sgl_longspec.controller import (LongSpecController, RequestView, SamplingParams, StepPlan,
+                                     verify_layout)
 from sgl_longspec.faults import Faults
+from sgl_longspec.logit_rules import LogitRules, Penalties
 from sgl_longspec.tp_sync import RankZeroDecisions, tp_group
 
 logger = logging.getLogger("sgl_longspec")
@@ -169,8 +173,9 @@ class LongSpecWorker(sglang_compat.name("BaseSpecWorker")):
         self.tp = RankZeroDecisions(tp_group())
         # Only the deciding rank drafts; the others follow its broadcast decisions.
         drafter = self._load_drafter() if self.tp.decides else None
-        self.controller = LongSpecController(self.config, self.window, owl_model=drafter,
-                                             finished_ok=_finished_ok, faults=Faults())
+        self.controller = LongSpecController(
+            self.config, self.window, owl_model=drafter, finished_ok=_finished_ok,
+            faults=Faults(), vocab_size=int(self.model_runner.model_config.vocab_size))
         # Optional JSON snapshot of the worker's state after every decode step (tests, debugging).
         self.stats_file = os.environ.get("LONGSPEC_STATS_FILE") or None
         self.prometheus = None
@@ -249,22 +254,30 @@ class LongSpecWorker(sglang_compat.name("BaseSpecWorker")):
         pass
 
     # ---- requests as the controller sees them -----------------------------------------------
-    @staticmethod
-    def _view(req, plain_only: bool) -> RequestView:
+    def _view(self, b: int, req, info) -> RequestView:
         prompt = getattr(req, "origin_input_ids_unpadded", None) or req.origin_input_ids
+        # A custom logit processor may read the request's state, which is only right at the
+        # root: such a request decodes without drafts (its root row is processed as in plain
+        # decoding, _custom_processors).
+        no_drafts = _opted_out(req) or getattr(req, "custom_logit_processor", None) is not None
         return RequestView(rid=req.rid, prompt=prompt, output=req.output_ids,
                            remaining=req.sampling_params.max_new_tokens - len(req.output_ids),
-                           plain_only=plain_only or _opted_out(req), handle=req)
+                           plain_only=no_drafts, handle=req, rules=_logit_rules(b, req, info))
 
-    def _plan(self, batch) -> list:
-        """This step's drafts, decided on rank 0 and the same on every rank."""
-        drafts = None
+    def _plan(self, batch) -> StepPlan:
+        """This step's plan: the drafts are decided on rank 0 and shared; every rank derives the
+        logit rules (and so whether the verify path runs) from its own copy of the batch, which
+        is the same on every rank."""
+        info = batch.sampling_info
+        views = [self._view(b, r, info) for b, r in enumerate(batch.reqs)]
+        if _batch_needs_engine_sampler(batch):
+            views = [dataclasses.replace(v, plain_only=True, rules=None) for v in views]
         if self.tp.decides:
-            # Grammar masks, penalties, logit bias and custom logit processors are applied by
-            # SGLang's own sampler, over the whole batch: such a batch decodes plainly.
-            plain_only = _batch_needs_engine_sampler(batch)
-            drafts = self.controller.plan_step([self._view(r, plain_only) for r in batch.reqs]).drafts
-        return self.tp.share_drafts(drafts)
+            plan = self.controller.plan_step(views)
+            self.tp.share_drafts(plan.drafts)
+            return plan
+        drafts = self.tp.share_drafts(None)
+        return StepPlan(drafts, self.controller.step_rules(views, drafts, check_faults=False))
 
     # ---- the step -----------------------------------------------------------------------------
     def forward_batch_generation(self, batch, on_publish=None, pp_proxy_tensors=None):
@@ -278,17 +291,18 @@ class LongSpecWorker(sglang_compat.name("BaseSpecWorker")):
         return out
 
     def _forward_decode(self, batch, on_publish, pp_proxy_tensors):
-        drafts = self._plan(batch)
+        plan = self._plan(batch)
+        drafts = plan.drafts
         attn0 = sum(_attention_ms().values())
         t0 = time.perf_counter()
-        if not any(len(d) for d in drafts):
+        if not plan.needs_verify_path:
             out = self._forward_plain_decode(batch, on_publish, pp_proxy_tensors)
             ms = 1e3 * (time.perf_counter() - t0)
             self.controller.record_step("plain", len(batch.reqs), ms, ms,
                                         sum(_attention_ms().values()) - attn0)
             return out
         try:
-            out, forward_ms = self._forward_verify(batch, drafts, on_publish, pp_proxy_tensors)
+            out, forward_ms = self._forward_verify(batch, plan, on_publish, pp_proxy_tensors)
         except Exception:
             if self.tp.world_size > 1:
                 raise  # the ranks would diverge: a plain redo on this rank alone would hang
@@ -386,6 +400,8 @@ class LongSpecWorker(sglang_compat.name("BaseSpecWorker")):
         finally:
             batch.seq_lens, batch.seq_lens_cpu, batch.seq_lens_sum = seq_lens, seq_lens_cpu, seq_lens_sum
         accept_tokens, accept_lens = self._one_token_result(batch, res)
+        if self.tp.decides:
+            _record_request_steps(batch.reqs, None, None)
         logits_output = res.logits_output
         if batch.return_logprob and logits_output.next_token_logprobs is not None:
             # A speculative decode result has a row of logprobs per request (prefill results
@@ -394,9 +410,10 @@ class LongSpecWorker(sglang_compat.name("BaseSpecWorker")):
         return self._result(batch, logits_output, res.can_run_cuda_graph, accept_tokens,
                             accept_lens, seq_lens + 1, accept_tokens, on_publish)
 
-    def _forward_verify(self, batch, drafts, on_publish, pp_proxy_tensors):
+    def _forward_verify(self, batch, plan, on_publish, pp_proxy_tensors):
         """One ragged TARGET_VERIFY forward; returns (result, forward ms)."""
         ForwardMode = sglang_compat.name("ForwardMode")
+        drafts = plan.drafts
         bs = len(batch.reqs)
         n = self.window
         window = self._window_locs(batch)
@@ -420,9 +437,16 @@ class LongSpecWorker(sglang_compat.name("BaseSpecWorker")):
         logits_output = res.logits_output
         logits = logits_output.next_token_logits
 
+        if plan.rules is not None:
+            # Every rank transforms its logits (logprobs read them); only rank 0 verifies.
+            plan.rules.apply(logits, drafts)
+        if getattr(batch.sampling_info, "has_custom_logit_processor", False):
+            _custom_processors(logits, batch.sampling_info, verify_lens)
         rids = [r.rid for r in batch.reqs]
         vr = None
         if self.tp.decides:
+            if plan.rules is not None:
+                self.controller.counters.rule_steps += 1
             vr = self.controller.verify(rids, drafts, logits, _sampling_params(batch.sampling_info))
             if logits_output.hidden_states is not None:
                 last_rows = vr.flat_kept_rows[torch.cumsum(vr.out_lens, 0) - 1]
@@ -442,6 +466,8 @@ class LongSpecWorker(sglang_compat.name("BaseSpecWorker")):
         accept_lens = torch.tensor([len(r.output_tokens) for r in per_req], dtype=torch.int32,
                                    device=self.device)
         accept_tokens = accept_tokens.to(self.device)
+        if self.tp.decides:
+            _record_request_steps(batch.reqs, drafts, [r.num_accepted for r in per_req])
         if batch.return_logprob:
             self._accepted_logprobs(batch, logits_output, vr, verify_lens)
 
@@ -487,16 +513,67 @@ def _opted_out(req) -> bool:
     return isinstance(params, dict) and str(params.get("longspec", "")).lower() == "off"
 
 
+def _record_request_steps(reqs, drafts, accepted) -> None:
+    """Each request's LONGSPEC figures so far, in its response's meta_info["longspec"] (through
+    SGLang's customized_info, which a non-streaming response carries whole): verify and plain
+    steps, and draft tokens verified and accepted per drafter. Opt out per request with
+    `custom_params: {"longspec_stats": "off"}`."""
+    for b, req in enumerate(reqs):
+        params = getattr(req.sampling_params, "custom_params", None)
+        if isinstance(params, dict) and str(params.get("longspec_stats", "")).lower() == "off":
+            continue
+        info = req.customized_info if isinstance(req.customized_info, dict) else {}
+        cur = info.get("longspec")
+        s = cur[0] if cur else {"verify_steps": 0, "plain_steps": 0, "drafted": {}, "accepted": {}}
+        if drafts is None:
+            s["plain_steps"] += 1
+        else:
+            s["verify_steps"] += 1
+            d = drafts[b]
+            if len(d):
+                s["drafted"][d.source] = s["drafted"].get(d.source, 0) + len(d)
+                s["accepted"][d.source] = s["accepted"].get(d.source, 0) + int(accepted[b])
+        info["longspec"] = [s]
+        req.customized_info = info
+
+
 def _batch_needs_engine_sampler(batch) -> bool:
-    """Sampling features that only SGLang's own sampler applies."""
+    """Sampling features only SGLang's own sampler implements: the batch decodes plainly."""
     info = batch.sampling_info
-    pen = getattr(info, "penalizer_orchestrator", None)
-    return bool(
-        batch.has_grammar
-        or getattr(info, "has_custom_logit_processor", False)
-        or getattr(info, "logit_bias", None) is not None
-        or (pen is not None and getattr(pen, "is_required", False))
-    )
+    return bool(getattr(info, "has_watermark_candidates", False)
+                or getattr(info, "sampling_seed", None) is not None)  # deterministic inference
+
+
+def _logit_rules(b: int, req, info) -> Optional[LogitRules]:
+    """Request b's penalties, grammar and logit bias, as SGLang's sampler would apply them."""
+    sp = req.sampling_params
+    pen = None
+    if (sp.frequency_penalty or sp.presence_penalty or sp.repetition_penalty != 1.0
+            or sp.min_new_tokens > 0):
+        stop = set(sp.stop_token_ids or ()) | set(getattr(req, "eos_token_ids", None) or ())
+        tok = getattr(req, "tokenizer", None)
+        if tok is not None:
+            stop |= set(getattr(tok, "additional_stop_token_ids", None) or ())
+            if getattr(tok, "eos_token_id", None) is not None:
+                stop.add(tok.eos_token_id)
+        pen = Penalties(float(sp.frequency_penalty), float(sp.presence_penalty),
+                        float(sp.repetition_penalty), int(sp.min_new_tokens), tuple(sorted(stop)))
+    bias = None
+    if getattr(info, "logit_bias", None) is not None and sp.logit_bias:
+        bias = info.logit_bias[b]
+    grammar = req.grammar
+    if grammar is not None and (grammar.finished or grammar.is_terminated()):
+        grammar = None  # SGLang leaves such rows unconstrained
+    rules = LogitRules(pen, bias, grammar)
+    return None if rules.empty else rules
+
+
+def _custom_processors(logits, info, verify_lens) -> None:
+    """Custom logit processors on the root rows (the requests that have one verify no draft)."""
+    roots = torch.tensor([0] + verify_lens[:-1], device=logits.device).cumsum(0)
+    root_logits = logits.index_select(0, roots)
+    sglang_compat.name("apply_custom_logit_processor")(root_logits, info)
+    logits.index_copy_(0, roots, root_logits)
 
 
 def _sampling_params(info) -> SamplingParams:
@@ -507,7 +584,5 @@ def _sampling_params(info) -> SamplingParams:
 
 
 def _to_cpu(vr):
-    import dataclasses
-
     return dataclasses.replace(vr, **{f.name: getattr(vr, f.name).cpu()
                                       for f in dataclasses.fields(vr)})

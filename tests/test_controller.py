@@ -263,3 +263,130 @@ def test_hidden_states_of_requests_that_never_decode_are_released():
     assert ctl.stats()["hidden_states"] == 2
     ctl.plan_step([FakeRequest("long", *repetitive(10, 4, 3, 8)).view()])  # only "long" decodes
     assert ctl.stats()["hidden_states"] == 1 and ctl.owl.has_state("long")
+
+
+class ForbidGrammar:
+    """A grammar that forbids a fixed set of tokens and never terminates; counts its state so
+    the test can check that the controller leaves it where it was."""
+
+    def __init__(self, forbidden: set[int]):
+        self.forbidden = forbidden
+        self.depth = 0
+
+    def accept_token(self, token):
+        assert token not in self.forbidden
+        self.depth += 1
+
+    def rollback(self, k):
+        self.depth -= k
+
+    def is_terminated(self):
+        return False
+
+    def allocate_vocab_mask(self, vocab_size, batch_size, device):
+        return torch.full((batch_size, (vocab_size + 31) // 32), -1, dtype=torch.int32)
+
+    def fill_vocab_mask(self, mask, idx):
+        mask[idx] = -1
+        for t in self.forbidden:
+            word = int(mask[idx, t >> 5]) & ~(1 << (t & 31))
+            mask[idx, t >> 5] = word - (1 << 32) if word >= 1 << 31 else word
+
+    def apply_vocab_mask(self, logits, mask):
+        for t in self.forbidden:
+            logits[:, t] = float("-inf")
+
+
+def rules_step(ctl, reqs):
+    """run_step with logit rules: the plain path applies each request's rules to its one row
+    (SGLang's sampler), the verify path applies the plan's rules to every verify row; the
+    scheduler then advances each grammar over the emitted tokens."""
+    from sgl_longspec.draft import Draft as D
+    from sgl_longspec.logit_rules import StepRules, grammar_prune
+
+    views = [RequestView(r.rid, r.prompt, r.output, r.max_new - len(r.output), handle=r,
+                         rules=r.rules) for r in reqs]
+    plan = ctl.plan_step(views)
+    drafts = plan.drafts if plan.needs_verify_path else [D.empty()] * len(reqs)
+    rules = plan.rules
+    if not plan.needs_verify_path and any(r.rules for r in reqs):
+        masks = [grammar_prune(D.empty(), r.rules.grammar, VOCAB)[1] if r.rules and r.rules.grammar
+                 else None for r in reqs]
+        rules = StepRules([r.rules for r in reqs], [r.output for r in reqs], masks)
+    rows = []
+    for r, d in zip(reqs, drafts):
+        base = r.prompt + r.output
+        paths = [[]]
+        for i, p in enumerate(d.parents):
+            paths.append((paths[p + 1] if p >= 0 else []) + [int(d.token_ids[i])])
+        rows += [target_next(r.stream, base + path) for path in paths]
+    logits = torch.full((len(rows), VOCAB), -10.0)
+    logits[torch.arange(len(rows)), torch.tensor(rows)] = 10.0
+    if rules is not None:
+        rules.apply(logits, drafts)
+    vr = ctl.verify([r.rid for r in reqs], drafts, logits, SamplingParams(all_greedy=True))
+    for r, res in zip(reqs, vr.requests()):
+        new = res.output_tokens[: r.max_new - len(r.output)]
+        r.output.extend(new)
+        if r.rules is not None and r.rules.grammar is not None:
+            for t in new:
+                r.rules.grammar.accept_token(t)
+    ctl.record_step("verify" if plan.needs_verify_path else "plain", len(rows), 100.0, 100.0)
+
+
+def test_grammar_and_penalties_follow_plain_decoding_on_every_row():
+    """A request whose grammar forbids a token its prompt repeats (its suffix drafts contain it)
+    and one with a frequency penalty strong enough to change every repeated token: LONGSPEC's
+    output equals a one-token-at-a-time decode with the same rules, drafts were pruned to the
+    grammar, drafts were accepted, and each grammar ends where the scheduler left it."""
+    from sgl_longspec.logit_rules import LogitRules, Penalties
+
+    def make(rid, seed, rules):
+        prompt, cont = repetitive(seed, 6, 5, 30)
+        r = FakeRequest(rid, prompt, cont)
+        r.output = []  # decode from scratch (the rules apply to the first token too)
+        r.rules = rules
+        return r
+
+    def plain_reference(r):
+        from sgl_longspec.draft import Draft as D
+        from sgl_longspec.logit_rules import StepRules, grammar_prune
+
+        out, g = [], r.rules.grammar if r.rules else None
+        while len(out) < r.max_new:
+            row = torch.full((1, VOCAB), -10.0)
+            row[0, target_next(r.stream, r.prompt + out)] = 10.0
+            mask = grammar_prune(D.empty(), g, VOCAB)[1] if g else None
+            if r.rules:
+                StepRules([r.rules], [out], [mask]).apply(row, [D.empty()])
+            out.append(int(row.argmax()))
+            if g:
+                g.accept_token(out[-1])
+        if g:
+            g.rollback(len(out))
+        return out
+
+    prompt, _ = repetitive(11, 6, 5, 30)
+    forbidden = {prompt[2]}
+    reqs = [make("grammar", 11, LogitRules(grammar=ForbidGrammar(forbidden))),
+            make("penalty", 12, LogitRules(penalties=Penalties(frequency=7.0))),
+            make("free", 13, None)]
+    want = [plain_reference(r) for r in reqs]
+    ctl = controller()
+    for r in reqs:  # the first token, as prefill would emit it
+        r.output.append(want[reqs.index(r)][0])
+        if r.rules and r.rules.grammar:
+            r.rules.grammar.accept_token(r.output[-1])
+    for _ in range(200):
+        live = [r for r in reqs if not r.done]
+        if not live:
+            break
+        rules_step(ctl, live)
+    for r, w in zip(reqs, want):
+        assert r.output == w, r.rid
+    truth = [r.stream[len(r.prompt):] for r in reqs]
+    assert want[0] != truth[0] and want[1] != truth[1] and want[2] == truth[2]  # rules matter
+    assert reqs[0].rules.grammar.depth == len(reqs[0].output)  # only the emitted tokens
+    assert not forbidden & set(reqs[0].output)
+    c = ctl.counters
+    assert c.grammar_pruned > 0 and c.accepted > 0 and not c.fallbacks

@@ -101,15 +101,41 @@ def run_multi_turn(srv):
 SAMPLING_PROMPT = ("red green blue red green blue red green blue red green blue red green blue "
                    "red green blue red")
 SAMPLING_N = 240
-SAMPLING_PARAMS = {"temperature": 1.0, "max_new_tokens": 3, "top_p": 0.95}
+SAMPLING_LEN = 8  # long enough that chains of several draft tokens are verified
+SAMPLING_PARAMS = {"temperature": 1.0, "max_new_tokens": SAMPLING_LEN, "top_p": 0.95}
 
 
-def sample_first_tokens(srv):
+def sample_outputs(srv, params=SAMPLING_PARAMS) -> list[tuple]:
     outs = []
     for _ in range(0, SAMPLING_N, 16):
-        res = srv.generate(text=[SAMPLING_PROMPT] * 16, sampling_params=SAMPLING_PARAMS)
-        outs += [tuple(o["output_ids"][:3]) for o in res]
-    return Counter(outs)
+        res = srv.generate(text=[SAMPLING_PROMPT] * 16, sampling_params=params)
+        outs += [tuple(o["output_ids"]) for o in res]
+    return outs
+
+
+def sampling_p_values(a: list[tuple], b: list[tuple]) -> list[float]:
+    """Two-sample chi-square p-values: the joint law of the first 3 tokens, then the marginal
+    law of each later position (rare outcomes pooled so expected counts stay >= 5)."""
+    from scipy.stats import chi2_contingency
+
+    def p_value(xa, xb):
+        ca, cb = Counter(xa), Counter(xb)
+        rows, other = [], [0, 0]
+        for k in sorted(set(ca) | set(cb), key=lambda k: -(ca[k] + cb[k])):
+            if ca[k] + cb[k] >= 10:
+                rows.append([ca[k], cb[k]])
+            else:
+                other[0] += ca[k]
+                other[1] += cb[k]
+        if sum(other):
+            rows.append(other)
+        return 1.0 if len(rows) < 2 else float(chi2_contingency(rows)[1])
+
+    ps = [p_value([o[:3] for o in a], [o[:3] for o in b])]
+    for pos in range(3, SAMPLING_LEN):
+        ps.append(p_value([o[pos] if len(o) > pos else -1 for o in a],
+                          [o[pos] if len(o) > pos else -1 for o in b]))
+    return ps
 
 
 LOGPROB_PROMPTS = [PROMPTS[0], PROMPTS[12], PROMPTS[5]]  # copy, counting, chat
@@ -122,6 +148,57 @@ def with_logprobs(srv):
                          token_ids_logprob=LOGPROB_TOKEN_IDS,
                          sampling_params={"temperature": 0, "max_new_tokens": 24})
             for p in LOGPROB_PROMPTS]
+
+
+TOOL_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "enum": ["search_files", "read_file", "write_file"]},
+        "arguments": {"type": "object",
+                      "properties": {"path": {"type": "string"}, "pattern": {"type": "string"},
+                                     "recursive": {"type": "boolean"}},
+                      "required": ["path"]},
+    },
+    "required": ["name", "arguments"],
+}
+FILES = "src/main.py, src/utils.py, src/io_tools.py, src/main.py, src/utils.py, src/io_tools.py"
+# (name, prompt, sampling params): grammars of every kind SGLang accepts, penalties, logit bias.
+# The prompts repeat what the answer needs, so the suffix index drafts under every rule.
+RULE_CASES = [
+    ("json_schema", chat(f"Copy the first of these JSON lines verbatim:\n{JSON_SNIPPET}"),
+     {"json_schema": json.dumps(TOOL_SCHEMA)}),
+    ("regex", chat(f"Repeat this list of files exactly: {FILES}"),
+     {"regex": r"src/[a-z_]+\.py(, src/[a-z_]+\.py){2,9}"}),
+    ("ebnf", chat("Count from 1 to 30, separated by commas."),
+     {"ebnf": 'root ::= num (", " num)*\nnum ::= [0-9]+'}),
+    ("penalties", PROMPTS[0],
+     {"frequency_penalty": 0.4, "presence_penalty": 0.3, "repetition_penalty": 1.1}),
+    ("min_new_tokens", chat("Say OK."), {"min_new_tokens": 20}),
+    ("logit_bias", PROMPTS[12], {"logit_bias": {"11": -100.0}}),  # 11 = ","
+]
+
+
+def with_rules(srv, cases=RULE_CASES):
+    return {name: srv.generate(text=prompt, sampling_params={"temperature": 0,
+                                                             "max_new_tokens": MAX_NEW, **params})
+            for name, prompt, params in cases}
+
+
+def tool_call(srv, tool_choice):
+    """An OpenAI chat completion that must call a tool (tool_choice "required" or named)."""
+    tools = [{"type": "function", "function": {"name": n, "description": d, "parameters": {
+        "type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}}}
+        for n, d in (("read_file", "Read a file"), ("list_dir", "List a directory"))]
+    r = srv.openai_client().chat.completions.create(
+        model="default", temperature=0, max_tokens=48, tools=tools, tool_choice=tool_choice,
+        messages=[{"role": "user", "content": "Read the file src/main.py, then read "
+                                              "src/main.py again: call read_file for src/main.py."}])
+    msg = r.choices[0].message
+    calls = [(c.function.name, c.function.arguments) for c in msg.tool_calls or []]
+    return msg.content, calls
+
+
+TOOL_CHOICES = ["required", {"type": "function", "function": {"name": "read_file"}}]
 
 
 def assert_same_logprobs(plain: dict, spec: dict, tol: float = 1e-3) -> None:
@@ -374,7 +451,10 @@ def plain_outputs(server_pool):
     """Everything the LONGSPEC tests compare against, computed first on one plain server."""
     srv = server_pool.get(PLAIN_ARGS)
     return {"single": greedy(srv, PROMPTS), "multi_turn": run_multi_turn(srv)[0],
-            "samples": sample_first_tokens(srv), "logprobs": with_logprobs(srv)}
+            "samples": sample_outputs(srv), "logprobs": with_logprobs(srv),
+            # the control: a biased sampler (temperature 0.7 instead of 1)
+            "samples_biased": sample_outputs(srv, {**SAMPLING_PARAMS, "temperature": 0.7}),
+            "rules": with_rules(srv), "tools": [tool_call(srv, c) for c in TOOL_CHOICES]}
 
 
 @pytest.fixture(scope="module")
@@ -459,6 +539,64 @@ def test_logprobs_under_speculation_equal_plain(longspec, plain_outputs, stats_p
 
 
 @pytest.mark.server
+def test_grammars_penalties_and_bias_speculate_losslessly(longspec, plain_outputs, stats_path):
+    """JSON schema, regex and EBNF grammars, frequency/presence/repetition penalties, min new
+    tokens and logit bias: each request speculates (drafts verified under its rules, per
+    position) and its output equals plain decoding's."""
+    for name, prompt, params in RULE_CASES:
+        before = read_stats(stats_path)
+        out = with_rules(longspec, [(name, prompt, params)])[name]
+        assert out["output_ids"] == plain_outputs["rules"][name]["output_ids"], (
+            name, plain_outputs["rules"][name]["text"], out["text"])
+        after = read_stats(stats_path)
+        assert after["rule_steps"] > before["rule_steps"], (name, after)
+        assert after["accepted"] > before["accepted"], (name, after)  # it really speculated
+        meta = out["meta_info"]
+        assert meta["spec_verify_ct"] < meta["completion_tokens"], name
+        # the request's own LONGSPEC figures: every decode step is a verify or a plain step
+        own = meta["longspec"][0]
+        assert own["verify_steps"] + own["plain_steps"] == meta["spec_verify_ct"], (name, own)
+        assert sum(own["accepted"].values()) > 0 and own["drafted"].keys() == own["accepted"].keys()
+    opted_out = longspec.generate(text=PROMPTS[0], sampling_params={
+        "temperature": 0, "max_new_tokens": 8, "custom_params": {"longspec_stats": "off"}})
+    assert "longspec" not in opted_out["meta_info"]
+    assert not read_stats(stats_path)["fallbacks"]
+
+
+@pytest.mark.server
+def test_tool_calls_under_speculation_equal_plain(longspec, plain_outputs, stats_path):
+    before = read_stats(stats_path)["rule_steps"]
+    for choice, plain in zip(TOOL_CHOICES, plain_outputs["tools"]):
+        out = tool_call(longspec, choice)
+        assert out == plain and (out[0] or out[1]), (choice, out, plain)
+    assert read_stats(stats_path)["rule_steps"] > before
+
+
+@pytest.mark.server
+def test_mixed_batch_only_constrained_requests_follow_rules(longspec, plain_outputs, stats_path):
+    """Constrained and unconstrained requests in flight together: each keeps its own output, and
+    the unconstrained ones keep speculating (batched verify steps with rules ran)."""
+    before = read_stats(stats_path)
+    jobs = [("rule", c) for c in RULE_CASES[:3]] + [("free", i) for i in (0, 1, 12)]
+
+    def one(job):
+        kind, x = job
+        if kind == "rule":
+            return with_rules(longspec, [x])[x[0]]
+        return longspec.generate(text=PROMPTS[x], sampling_params={"temperature": 0,
+                                                                 "max_new_tokens": MAX_NEW})
+
+    with ThreadPoolExecutor(len(jobs)) as ex:
+        outs = list(ex.map(one, jobs))
+    for (kind, x), o in zip(jobs, outs):
+        ref = plain_outputs["rules"][x[0]] if kind == "rule" else plain_outputs["single"][x]
+        assert o["output_ids"] == ref["output_ids"], (kind, x if kind == "free" else x[0])
+    after = read_stats(stats_path)
+    assert after["batched_verify_steps"] > before["batched_verify_steps"], after
+    assert after["rule_steps"] > before["rule_steps"] and not after["fallbacks"], after
+
+
+@pytest.mark.server
 @pytest.mark.parametrize("bad", [[1, 2, 10 ** 8], [5, -1, 7]])
 def test_out_of_vocab_token_ids_get_400(longspec, bad):
     import requests
@@ -502,30 +640,26 @@ def test_abort_frees_request_state(longspec, stats_path):
 
 
 @pytest.mark.server
-def test_sampling_matches_plain_distribution(longspec, plain_outputs):
-    """Two-sample chi-square on the joint distribution of the first 3 sampled tokens.
-
-    The prompt repeats a pattern, so the suffix index drafts its continuation and the verifier's
-    accept/reject path runs on every sample. H0: both servers sample the same distribution; we
-    require p > 1e-3. tests/test_verify.py shows the same kind of test rejecting a biased verifier.
-    """
-    from scipy.stats import chi2_contingency
-
-    spec = sample_first_tokens(longspec)
-    plain = plain_outputs["samples"]
-    keys = sorted(set(spec) | set(plain), key=lambda k: -(spec[k] + plain[k]))
-    rows, other = [], [0, 0]  # pool rare outcomes so expected counts stay >= 5
-    for k in keys:
-        if spec[k] + plain[k] >= 10:
-            rows.append([spec[k], plain[k]])
-        else:
-            other[0] += spec[k]
-            other[1] += plain[k]
-    if sum(other):
-        rows.append(other)
-    assert len(rows) >= 2, (spec, plain)
-    _, p, _, _ = chi2_contingency(rows)
-    assert p > 1e-3, (p, rows)
+def test_sampling_matches_plain_distribution(longspec, plain_outputs, stats_path):
+    """LONGSPEC's samples follow plain decoding's law: two-sample chi-square tests on the joint
+    law of the first 3 tokens and on the marginal of each later position (8 tokens, fixed seeds),
+    each required to give p > 1e-3 / (number of tests). The prompt repeats a pattern, so chains
+    of several draft tokens are verified (asserted from the worker's counters). The control,
+    plain decoding at temperature 0.7 against 1.0, must fail the same test: it has the power to
+    see a biased sampler."""
+    before = read_stats(stats_path)
+    spec = sample_outputs(longspec)
+    ps = sampling_p_values(spec, plain_outputs["samples"])
+    alpha = 1e-3 / len(ps)
+    assert min(ps) > alpha, ps
+    control = sampling_p_values(plain_outputs["samples_biased"], plain_outputs["samples"])
+    assert min(control) < alpha, control
+    after = read_stats(stats_path)
+    verified = after["by_source"]["suffix"][0] - before["by_source"]["suffix"][0]
+    drafted = after["by_source"]["suffix"][1] - before["by_source"]["suffix"][1]
+    assert verified > 0 and drafted / verified >= 2.0, (verified, drafted)  # multi-token drafts
+    assert after["accepted"] - before["accepted"] >= SAMPLING_N, after  # and accepted ones
+    assert after["max_verify_batch"] >= 2 and not after["fallbacks"], after
 
 
 @pytest.mark.server
