@@ -98,8 +98,9 @@ def run_multi_turn(srv):
     return outs, cached
 
 
-SAMPLING_PROMPT = ("red green blue red green blue red green blue red green blue red green blue "
-                   "red green blue red")
+# A pattern the model continues with high probability at temperature 1 (so drafts are accepted)
+# but not always (so the law has a tail a biased sampler would change).
+SAMPLING_PROMPT = "The quick brown fox jumps over the lazy dog. " * 6 + "The quick"
 SAMPLING_N = 240
 SAMPLING_LEN = 8  # long enough that chains of several draft tokens are verified
 SAMPLING_PARAMS = {"temperature": 1.0, "max_new_tokens": SAMPLING_LEN, "top_p": 0.95}
@@ -611,6 +612,39 @@ def test_out_of_vocab_token_ids_get_400(longspec, bad):
     assert longspec.alive()
     ok = longspec.generate(input_ids=[1, 2, 3], sampling_params={"max_new_tokens": 2})
     assert len(ok["output_ids"]) == 2
+
+
+BAD_REQUESTS = [
+    ("over the context limit", {"input_ids": [1] * 9000, "sampling_params": {"max_new_tokens": 4}}),
+    ("invalid JSON schema", {"json_schema": "{not json"}),
+    ("invalid regex", {"regex": "("}),
+    ("invalid EBNF", {"ebnf": "root ::= "}),
+    ("two grammars", {"regex": "a+", "json_schema": "{}"}),
+    ("negative temperature", {"temperature": -1}),
+    ("top_p > 1", {"top_p": 2}),
+    ("logit bias outside the vocabulary", {"logit_bias": {"99999999": 1.0}}),
+    ("negative max_new_tokens", {"max_new_tokens": -1}),
+    ("repetition penalty 0", {"repetition_penalty": 0}),
+    ("min_new_tokens > max_new_tokens", {"min_new_tokens": 10}),
+]
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("what,bad", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_requests_get_400_and_lose_nothing(longspec, plain_outputs, what, bad):
+    """Invalid options get a 400 with a message; a request in flight at the same time finishes
+    with the output it would have had; the server keeps serving."""
+    import requests
+
+    body = bad if "input_ids" in bad else {"text": PROMPTS[0], "sampling_params": {
+        "max_new_tokens": 4, **bad}}
+    with ThreadPoolExecutor(1) as ex:
+        good = ex.submit(longspec.generate, text=PROMPTS[3], sampling_params={
+            "temperature": 0, "max_new_tokens": 16})
+        r = requests.post(longspec.base_url + "/generate", json=body, timeout=120)
+        out = good.result()
+    assert r.status_code == 400 and r.json()["error"]["message"], (what, r.status_code, r.text)
+    assert out["output_ids"] == plain_outputs["single"][3]["output_ids"][:16] and longspec.alive()
 
 
 @pytest.mark.server
