@@ -7,8 +7,10 @@ Workload: the tool-JSON agent of ``benchmarks.workloads`` (a real standard-libra
 function index as a tool result; the reply is a JSON tool call carrying an updated copy of it),
 first turns only, every request constrained to the tool-call JSON schema below (xgrammar, SGLang's
 default grammar backend). Both servers (``sgl_longspec.cli.start_server``: vanilla, then
-``--speculative-algorithm LONGSPEC``) replay the same requests in the same order, greedy, cache
-flushed between cells. Cells:
+``--speculative-algorithm LONGSPEC``) replay the same requests in the same order, greedy. Every
+cell runs on a freshly started server: LONGSPEC's global suffix tree keeps past outputs (across
+requests, by design), so a request replayed on a warm server would draft its own earlier output.
+The schema cells use different (seeded) requests. Cells:
 
 - ``schema@c1`` / ``schema@c4``: every request constrained, 1 / 4 in flight;
 - ``schema+logprobs@c1``: the same with ``return_logprob`` and top-2 logprobs;
@@ -99,13 +101,15 @@ def run_cell(base_url: str, jobs: list[tuple[list[int], bool]], concurrency: int
             "tau": tokens / sum(o["steps"] for o in outs)}
 
 
-def cells(reqs: list[list[int]]) -> dict:
-    half = len(reqs) // 2
-    mixed = [(ids, i % 2 == 0) for i, ids in enumerate(reqs[: 2 * half])]
+def cells(tok, n: int, max_new: int, seed: int) -> dict:
+    def reqs(k):
+        return requests_for(tok, n, max_new, seed + k)
+
+    mixed = [(ids, i % 2 == 0) for i, ids in enumerate(reqs(3))]
     return {
-        "schema@c1": ([(ids, True) for ids in reqs], 1, False),
-        "schema@c4": ([(ids, True) for ids in reqs], 4, False),
-        "schema+logprobs@c1": ([(ids, True) for ids in reqs], 1, True),
+        "schema@c1": ([(ids, True) for ids in reqs(0)], 1, False),
+        "schema@c4": ([(ids, True) for ids in reqs(1)], 4, False),
+        "schema+logprobs@c1": ([(ids, True) for ids in reqs(2)], 1, True),
         "mixed@c4": (mixed, 4, False),
         "free@c2": ([j for j in mixed if not j[1]], 2, False),
     }
@@ -177,20 +181,21 @@ def main(argv=None) -> int:
     ap.add_argument("--startup-timeout", type=float, default=900)
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    results: dict = {}
-    tok = None
+    results: dict = {name: {} for name in SERVERS}
+    plan = None
     for name, extra in SERVERS.items():
-        with Server(args.model, extra, args.out / "logs" / f"{name}.log", free_port(),
-                    args.startup_timeout) as srv:
-            if tok is None:
-                tok = W.load_tokenizer(srv.model_folder)
-                reqs = requests_for(tok, args.requests, args.max_new_tokens, args.seed)
-            warmup(srv.base_url, tok)
-            results[name] = {}
-            for cell, (jobs, conc, lp) in cells(reqs).items():
+        for cell in ("schema@c1", "schema@c4", "schema+logprobs@c1", "mixed@c4", "free@c2"):
+            with Server(args.model, extra, args.out / "logs" / f"{name}-{cell}.log", free_port(),
+                        args.startup_timeout) as srv:
+                if plan is None:
+                    tok = W.load_tokenizer(srv.model_folder)
+                    plan = cells(tok, args.requests, args.max_new_tokens, args.seed)
+                warmup(srv.base_url, tok)
+                jobs, conc, lp = plan[cell]
                 r = run_cell(srv.base_url, jobs, conc, args.max_new_tokens, lp)
                 results[name][cell] = r
-                print(f"{name:9s} {cell:20s} {r['tok_s']:6.1f} tok/s tau {r['tau']:.2f}", flush=True)
+                print(f"{name:9s} {cell:20s} {r['tok_s']:6.1f} tok/s tau {r['tau']:.2f}",
+                      flush=True)
     rows = compare(results)
     md = markdown(rows)
     print(md)

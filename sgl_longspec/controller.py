@@ -13,7 +13,8 @@ between lives here and is tested on a fake batch harness (tests/test_controller.
 - verification (greedy or lossless sampling, sgl_longspec.verify) and what it teaches the router;
 - counters, including fallbacks by cause: a drafter, index or verify failure turns only the
   requests it touched to plain decoding, is counted, and is logged with its traceback the first
-  time each cause occurs (later ones in one line).
+  time each cause occurs (later ones in one line); a drafter that keeps failing is switched off
+  for a while by its circuit breaker and retried later.
 """
 
 from __future__ import annotations
@@ -149,6 +150,47 @@ class OwlDrafter:
         self.hidden.pop(rid, None)
 
 
+class CircuitBreaker:
+    """Trips when a drafter keeps failing, so that a broken drafter costs nothing for a while
+    instead of failing (and turning another request plain) at every step; retries later.
+
+    Counted in decode steps (deterministic, testable): `failures` failures within `window` steps
+    open it for `cooldown` steps; each trip doubles the next cooldown (up to `max_cooldown`), and a
+    full window without failure after a retry restores the base cooldown.
+    """
+
+    def __init__(self, failures: int = 5, window: int = 50, cooldown: int = 200,
+                 max_cooldown: int = 3200):
+        self.failures, self.window = failures, window
+        self.base_cooldown, self.max_cooldown = cooldown, max_cooldown
+        self.cooldown = cooldown
+        self.now = 0
+        self.open_until = 0
+        self.recent: list[int] = []
+        self.trips = 0
+
+    def step(self) -> None:
+        self.now += 1
+        if self.cooldown != self.base_cooldown and self.now >= self.open_until + self.window \
+                and not self.recent:
+            self.cooldown = self.base_cooldown
+
+    @property
+    def closed(self) -> bool:
+        return self.now >= self.open_until
+
+    def failed(self) -> bool:
+        """Record a failure; True if it tripped the breaker."""
+        self.recent = [t for t in self.recent if self.now - t < self.window] + [self.now]
+        if len(self.recent) < self.failures:
+            return False
+        self.open_until = self.now + self.cooldown
+        self.cooldown = min(2 * self.cooldown, self.max_cooldown)
+        self.recent = []
+        self.trips += 1
+        return True
+
+
 @dataclass
 class StepPlan:
     """The router's decision for one decode step: a draft per request (empty = no draft)."""
@@ -180,6 +222,7 @@ class SamplingParams:
     top_k: Optional[torch.Tensor] = None
     top_p: Optional[torch.Tensor] = None
     min_p: Optional[torch.Tensor] = None
+    uniforms: Optional[torch.Tensor] = None  # per verify slot, NaN = random (verify_sampling)
 
 
 @dataclass
@@ -245,12 +288,17 @@ class LongSpecController:
             backoff_steps=cfg.backoff_steps, cost_aware=cfg.cost_aware))
         self.counters = Counters()
         self.faults = faults or Faults("")
+        self.breakers = {name: CircuitBreaker() for name in ("suffix_drafter", "owl_drafter")}
         self._prev: dict[Hashable, object] = {}  # rid -> handle, the previous decode batch
         self._plain: set[Hashable] = set()  # requests turned to plain decoding by a failure
 
     # ---- failures -----------------------------------------------------------------------------
     def fallback(self, cause: str, rids: Sequence[Hashable], what: str) -> None:
         """Call inside an `except` block: count, log, and turn `rids` to plain decoding."""
+        breaker = self.breakers.get(cause)
+        if breaker is not None and breaker.failed():
+            logger.warning("LONGSPEC: %s failed %d times in %d steps; not used for %d steps",
+                           cause, breaker.failures, breaker.window, breaker.open_until - breaker.now)
         first = self.counters.fallbacks[cause] == 0
         self.counters.fallbacks[cause] += 1
         self.counters.fallback_requests[cause] += len(rids)
@@ -306,6 +354,8 @@ class LongSpecController:
     def plan_step(self, views: Sequence[RequestView]) -> StepPlan:
         """Release departed requests, index new tokens, draft, and let the router decide."""
         t0 = time.perf_counter()
+        for breaker in self.breakers.values():
+            breaker.step()
         self.release_departed(views)
         if self.owl is not None:
             self.owl.retain({v.rid for v in views})
@@ -358,8 +408,9 @@ class LongSpecController:
         out = [Draft.empty()] * len(views)
         if not self.config.suffix_drafts:
             return out
+        breaker = self.breakers["suffix_drafter"]
         for i, v in enumerate(views):
-            if budgets[i] > 0 and self.router.wants_source(v.rid, "suffix", len(views), budgets[i]):
+            if budgets[i] > 0 and breaker.closed and self.router.wants_source(v.rid, "suffix", len(views), budgets[i]):
                 try:
                     self.faults.check("suffix_drafter")
                     out[i] = self.suffix.propose([DraftRequest(v.rid, v.output[-1], budgets[i])])[0]
@@ -372,7 +423,7 @@ class LongSpecController:
         """OWL trees (one batched call) for the requests whose suffix draft is below the HOWL
         threshold and for which the router expects OWL to pay."""
         out: list[Optional[Draft]] = [None] * len(views)
-        if self.owl is None:
+        if self.owl is None or not self.breakers["owl_drafter"].closed:
             return out
         bs = len(views)
         rows = [i for i, v in enumerate(views)
@@ -406,7 +457,8 @@ class LongSpecController:
             vr = verify_greedy(list(drafts), logits)
         else:
             vr = verify_sampling(list(drafts), logits, temperature=sampling.temperature,
-                                 top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p)
+                                 top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p,
+                                 uniforms=sampling.uniforms)
         self.record_verified(rids, drafts, vr.accept_lens.tolist())
         return vr
 
@@ -463,6 +515,8 @@ class LongSpecController:
             "injected_faults": dict(self.faults.injected),
             "cost_model_ms": self.router.cost.params,  # (a, b, c) of the router's step model
             "refusals": dict(self.router.refusals),
+            "breaker_trips": {k: b.trips for k, b in self.breakers.items()},
+            "breakers_open": sorted(k for k, b in self.breakers.items() if not b.closed),
             **self.counters.as_dict(),
         }
 

@@ -67,13 +67,17 @@ class LogitRules:
     penalties: Optional[Penalties] = None
     logit_bias: Optional[torch.Tensor] = None  # [V], added last
     grammar: Optional[Grammar] = None
+    # sampling_seed of a sampling request: its draws use seeded_uniforms(seed, position)
+    # (sgl_longspec.verify), not the logits; listed here because it shares `stateful`'s need
+    seed: Optional[int] = None
 
     @property
     def stateful(self) -> bool:
-        """Rules whose state depends on every emitted token and that only this module tracks
-        exactly: the engine's own sampler must not decode this request once it has speculated
-        (SGLang's penalizers see one token per step under speculative decoding)."""
-        return self.penalties is not None and self.penalties.active
+        """Rules that only the verify path applies exactly, so the engine's own sampler must not
+        decode this request: penalties (their state counts every emitted token, SGLang's
+        penalizers see one per step under speculative decoding) and sampling seeds (SGLang's
+        CPU sampler ignores them outside deterministic inference)."""
+        return (self.penalties is not None and self.penalties.active) or self.seed is not None
 
     @property
     def empty(self) -> bool:
@@ -209,7 +213,8 @@ class StepRules:
         for b, d in enumerate(drafts):
             end = start + len(d) + 1
             r = self.rules[b]
-            if r is not None and not r.empty:
+            if r is not None and (r.penalties is not None or r.grammar is not None
+                                  or r.logit_bias is not None):
                 rows = logits[start:end]
                 if r.penalties is not None and r.penalties.active:
                     apply_penalties(rows, self.outputs[b], d, r.penalties)

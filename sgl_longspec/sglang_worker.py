@@ -36,8 +36,10 @@ from sgl_longspec import sglang_compat
 from sgl_longspec.config import LongSpecConfig
 from sgl_longspec.controller import (LongSpecController, RequestView, SamplingParams, StepPlan,
                                      verify_layout)
+from sgl_longspec.draft import Draft
 from sgl_longspec.faults import Faults
 from sgl_longspec.logit_rules import LogitRules, Penalties
+from sgl_longspec.verify import seeded_uniforms, verify_sampling
 from sgl_longspec.tp_sync import RankZeroDecisions, tp_group
 
 logger = logging.getLogger("sgl_longspec")
@@ -356,9 +358,36 @@ class LongSpecWorker(sglang_compat.name("BaseSpecWorker")):
     def _forward_extend(self, batch, on_publish, pp_proxy_tensors):
         res = self.target_worker.forward_batch_generation(
             batch, pp_proxy_tensors=pp_proxy_tensors, capture_hidden_mode=self._capture_mode(False))
+        if any(_seed(r) is not None for r in batch.reqs):
+            self._seeded_first_tokens(batch, res)
         accept_tokens, accept_lens = self._one_token_result(batch, res)
         return self._result(batch, res.logits_output, res.can_run_cuda_graph, accept_tokens,
                             accept_lens, batch.seq_lens.clone(), res.next_token_ids, on_publish)
+
+    def _seeded_first_tokens(self, batch, res) -> None:
+        """The first token of a seeded sampling request, drawn as its later tokens are (SGLang's
+        sampler drew it without the seed). SGLang 0.5.23's sampler leaves the processed logits
+        divided by the temperature in `next_token_logits`: they are sampled at temperature 1
+        with the request's top-k / top-p / min-p."""
+        info = batch.sampling_info
+        logits = res.logits_output.next_token_logits
+        if logits is None or logits.shape[0] != len(batch.reqs) or info.is_all_greedy:
+            return
+        rows = [b for b, r in enumerate(batch.reqs) if _seed(r) is not None]
+        idx = torch.tensor(rows, device=logits.device)
+        sub = logits.index_select(0, idx).float()
+        # the position of the token drawn (after a retraction the output re-enters the prefill)
+        positions = [len(batch.reqs[b].origin_input_ids) + len(batch.reqs[b].output_ids)
+                     for b in rows]
+        u = torch.cat([seeded_uniforms(_seed(batch.reqs[b]), [p]) for b, p in zip(rows, positions)])
+        vr = verify_sampling([Draft.empty()] * len(rows), sub, temperature=1.0,
+                             top_k=info.top_ks.view(-1)[idx], top_p=info.top_ps.view(-1)[idx],
+                             min_p=info.min_ps.view(-1)[idx], uniforms=u)
+        tokens = torch.tensor([r.bonus_token for r in vr.requests()], device=logits.device)
+        res.next_token_ids[idx] = tokens.to(res.next_token_ids.dtype)
+        lp = res.logits_output.next_token_logprobs
+        if batch.return_logprob and lp is not None and lp.shape[0] == len(batch.reqs):
+            lp[idx] = torch.log_softmax(sub, -1).gather(1, tokens.view(-1, 1)).view(-1).to(lp.dtype)
 
     def _window_locs(self, batch) -> torch.Tensor:
         """KV slots the scheduler reserved per request for this step: [bs, window]."""
@@ -447,7 +476,10 @@ class LongSpecWorker(sglang_compat.name("BaseSpecWorker")):
         if self.tp.decides:
             if plan.rules is not None:
                 self.controller.counters.rule_steps += 1
-            vr = self.controller.verify(rids, drafts, logits, _sampling_params(batch.sampling_info))
+            seeds = [r.seed if r is not None else None for r in plan.rules.rules] \
+                if plan.rules is not None else None
+            vr = self.controller.verify(rids, drafts, logits, _sampling_params(
+                batch.sampling_info, seeds, verify_lens, pos))
             if logits_output.hidden_states is not None:
                 last_rows = vr.flat_kept_rows[torch.cumsum(vr.out_lens, 0) - 1]
                 self.controller.remember_hidden(rids, logits_output.hidden_states[last_rows])
@@ -564,7 +596,7 @@ def _logit_rules(b: int, req, info) -> Optional[LogitRules]:
     grammar = req.grammar
     if grammar is not None and (grammar.finished or grammar.is_terminated()):
         grammar = None  # SGLang leaves such rows unconstrained
-    rules = LogitRules(pen, bias, grammar)
+    rules = LogitRules(pen, bias, grammar, _seed(req))
     return None if rules.empty else rules
 
 
@@ -576,11 +608,30 @@ def _custom_processors(logits, info, verify_lens) -> None:
     logits.index_copy_(0, roots, root_logits)
 
 
-def _sampling_params(info) -> SamplingParams:
+def _sampling_params(info, seeds=None, verify_lens=None, pos=None) -> SamplingParams:
+    """The batch's sampling parameters; with `seeds` (per request, None = unseeded), the
+    uniforms of the seeded requests' verify slots: each depends only on (seed, position of the
+    token it draws), so a seeded request samples the same tokens whatever its batch."""
     if info.is_all_greedy:
         return SamplingParams(all_greedy=True)
+    uniforms = None
+    if seeds is not None and any(s is not None for s in seeds):
+        uniforms = torch.full((sum(verify_lens),), float("nan"), dtype=torch.float64)
+        start = 0
+        for seed, n in zip(seeds, verify_lens):
+            if seed is not None:
+                uniforms[start:start + n] = seeded_uniforms(seed, [p + 1 for p in pos[start:start + n]])
+            start += n
     return SamplingParams(False, info.temperatures.view(-1), info.top_ks.view(-1),
-                          info.top_ps.view(-1), info.min_ps.view(-1))
+                          info.top_ps.view(-1), info.min_ps.view(-1), uniforms)
+
+
+def _seed(req) -> Optional[int]:
+    """A sampling request's sampling_seed (greedy requests need none)."""
+    sp = req.sampling_params
+    if sp.sampling_seed is None or sp.temperature < 1e-6 or sp.top_k == 1:
+        return None
+    return int(sp.sampling_seed)
 
 
 def _to_cpu(vr):

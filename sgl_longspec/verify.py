@@ -79,6 +79,7 @@ __all__ = [
     "verify_greedy",
     "verify_sampling",
     "verify_sampling_draft_probs",
+    "seeded_uniforms",
 ]
 
 
@@ -208,26 +209,29 @@ def _prepare_params(logits, temperature, top_k, top_p, min_p, repeats, order, ba
 
 
 def _sample_target(logits, temperature, top_k, top_p, min_p, repeats, order, batch_wide,
-                   generator) -> torch.Tensor:
+                   generator, uniforms=None) -> torch.Tensor:
     """One token per row from target_probs(...), without materialising the dense filtered rows
     (filtered rows are sampled over their sorted candidates)."""
     x, t, k, p, m, filt = _prepare_params(logits, temperature, top_k, top_p, min_p, repeats,
                                           order, batch_wide)
     probs = torch.softmax(x / t.unsqueeze(1), dim=-1)
 
-    def filtered(rows_probs, kk, pp, mm):
+    def filtered(rows_probs, kk, pp, mm, uu):
         f, ids = _filter_sorted_rows(rows_probs, kk, pp, mm, order, dense=False)
-        return ids.gather(1, _sample_rows(f, generator).unsqueeze(1)).squeeze(1)
+        return ids.gather(1, _sample_rows(f, generator, uu).unsqueeze(1)).squeeze(1)
+
+    def sub(idx):
+        return None if uniforms is None else uniforms.index_select(0, idx.to(uniforms.device))
 
     if not bool(filt.any()):
-        return _sample_rows(probs, generator)
+        return _sample_rows(probs, generator, uniforms)
     if bool(filt.all()):
-        return filtered(probs, k, p, m)
+        return filtered(probs, k, p, m, uniforms)
     y = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
     idx = filt.nonzero().squeeze(1)
     rest = (~filt).nonzero().squeeze(1)
-    y[idx] = filtered(probs.index_select(0, idx), k[idx], p[idx], m[idx])
-    y[rest] = _sample_rows(probs.index_select(0, rest), generator)
+    y[idx] = filtered(probs.index_select(0, idx), k[idx], p[idx], m[idx], sub(idx))
+    y[rest] = _sample_rows(probs.index_select(0, rest), generator, sub(rest))
     return y
 
 
@@ -494,7 +498,8 @@ def _last_positive(vals: torch.Tensor) -> torch.Tensor:
     return torch.where(vals > 0, pos, torch.full_like(pos, -1)).max(dim=-1, keepdim=True).values
 
 
-def _sample_rows(probs: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+def _sample_rows(probs: torch.Tensor, generator: Optional[torch.Generator],
+                 uniforms: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One index per row, P(i) = probs[r, i] / sum(probs[r]) (rows need not be normalised).
 
     Two-level inverse-CDF sampling: a block (1024 tokens for large vocabularies, 128 otherwise)
@@ -515,7 +520,11 @@ def _sample_rows(probs: torch.Tensor, generator: Optional[torch.Generator]) -> t
     if vocab % B:
         mass = torch.cat([mass, probs[:, nfull * B:].sum(dim=-1, keepdim=True)], 1)
     cb = mass.double().cumsum(dim=-1)
-    target = torch.rand(rows, 1, generator=generator, device=dev, dtype=torch.float64) * cb[:, -1:]
+    u = torch.rand(rows, 1, generator=generator, device=dev, dtype=torch.float64)
+    if uniforms is not None:  # rows with a given uniform (NaN: draw one)
+        fixed = uniforms.to(dev, torch.float64).view(rows, 1)
+        u = torch.where(torch.isnan(fixed), u, fixed)
+    target = u * cb[:, -1:]
     blk = torch.searchsorted(cb, target, right=True).clamp(max=mass.shape[1] - 1)
     prev = torch.where(blk > 0, cb.gather(1, (blk - 1).clamp(min=0)), torch.zeros_like(target))
     cols = blk * B + torch.arange(B, device=dev).unsqueeze(0)
@@ -547,6 +556,19 @@ def verify_greedy(drafts: DraftsLike, target_logits: torch.Tensor) -> VerifyResu
     return _build_result(tb, path_mask, bonus)
 
 
+def seeded_uniforms(seed: int, positions) -> torch.Tensor:
+    """Uniforms in [0, 1) that depend only on (seed, position): a request's sampling_seed and the
+    position of the token being drawn (splitmix64 of the pair, top 53 bits)."""
+    pos = np.asarray(positions, dtype=np.uint64).reshape(-1)
+    with np.errstate(over="ignore"):
+        x = np.uint64(seed & 0xFFFFFFFFFFFFFFFF) * np.uint64(0x9E3779B97F4A7C15) + pos
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return torch.from_numpy((x >> np.uint64(11)).astype(np.float64) / float(1 << 53))
+
+
 def _greedy_rows(temperature, top_k, rows, repeats, device) -> torch.Tensor:
     t = _row_param(temperature, rows, repeats, torch.float32, device)
     k = _row_param(top_k, rows, repeats, torch.long, device)
@@ -557,22 +579,25 @@ def verify_sampling(drafts: DraftsLike, target_logits: torch.Tensor, temperature
                     top_k=TOP_K_ALL, top_p=1.0, min_p=0.0, *,
                     generator: Optional[torch.Generator] = None, order: str = "joint",
                     batch_wide: bool = False,
-                    probs: Optional[torch.Tensor] = None) -> VerifyResult:
+                    probs: Optional[torch.Tensor] = None,
+                    uniforms: Optional[torch.Tensor] = None) -> VerifyResult:
     """Lossless verification of deterministic draft trees at T > 0 (see the module docstring).
 
     Sampling parameters: scalars or per-request tensors [bs] (or per-slot [T]); requests with
     temperature < 1e-6 or top_k == 1 are verified greedily (argmax of the logits, deepest path),
     as in ``verify_greedy``. ``probs`` ([T, V]) may be passed when the caller already has the
-    target distribution; it is then used instead of target_probs(logits, ...).
+    target distribution; it is then used instead of target_probs(logits, ...). ``uniforms``
+    ([T] float64, NaN = draw from ``generator``) fixes the uniform each slot's draw is made with
+    (seeded requests: ``seeded_uniforms``, so their samples do not depend on the batch).
     """
     tb, logits, padded = _as_batch(drafts, target_logits)
     rows = logits.shape[0]
     reps = _slots_per_request(tb, padded)
     if probs is None:
         y = _sample_target(logits, temperature, top_k, top_p, min_p, reps, order, batch_wide,
-                           generator)
+                           generator, uniforms)
     else:
-        y = _sample_rows(probs.reshape(rows, -1), generator)
+        y = _sample_rows(probs.reshape(rows, -1), generator, uniforms)
     greedy_rows = _greedy_rows(temperature, top_k, rows, reps, logits.device)
     if bool(greedy_rows.any()):
         y = torch.where(greedy_rows, torch.argmax(logits, dim=-1), y)

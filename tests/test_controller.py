@@ -390,3 +390,38 @@ def test_grammar_and_penalties_follow_plain_decoding_on_every_row():
     assert not forbidden & set(reqs[0].output)
     c = ctl.counters
     assert c.grammar_pruned > 0 and c.accepted > 0 and not c.fallbacks
+
+
+def test_circuit_breaker_stops_a_failing_drafter_and_retries_later():
+    """A drafter that fails for every request trips the breaker after 5 failures: it is not
+    called during the cooldown, is retried afterwards, and a second trip waits twice as long.
+    Outputs stay exact throughout."""
+    from sgl_longspec.controller import CircuitBreaker
+
+    ctl = controller()
+    calls = []
+
+    class AlwaysFails(BrokenDrafter):
+        def propose(self, requests):
+            calls.append(ctl.breakers["suffix_drafter"].now)
+            raise RuntimeError("injected drafter failure")
+
+    ctl.suffix = AlwaysFails(ctl.suffix, None)
+    ctl.breakers["suffix_drafter"] = CircuitBreaker(failures=5, window=50, cooldown=20)
+    reqs = [FakeRequest(f"r{i}", *repetitive(20 + i, 5, 4, 120)) for i in range(12)]
+    for _ in range(60):
+        live = [r for r in reqs if not r.done]
+        if not live:
+            break
+        # each failure turns its request plain: feed fresh requests so drafting keeps being tried
+        run_step(ctl, live)
+    b = ctl.breakers["suffix_drafter"]
+    assert b.trips >= 2, (b.trips, calls)
+    first_trip = calls[4]  # the 5th failure
+    assert all(not (first_trip < t < first_trip + 20) for t in calls), calls  # silent cooldown
+    assert any(t >= first_trip + 20 for t in calls)  # retried after it
+    second_trip = calls[9]
+    assert all(not (second_trip < t < second_trip + 40) for t in calls)  # doubled cooldown
+    for r in reqs:
+        assert r.output == r.stream[len(r.prompt):len(r.prompt) + len(r.output)]
+    assert ctl.stats()["breaker_trips"]["suffix_drafter"] == b.trips

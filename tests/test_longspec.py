@@ -697,6 +697,25 @@ def test_sampling_matches_plain_distribution(longspec, plain_outputs, stats_path
 
 
 @pytest.mark.server
+def test_sampling_seed_makes_speculative_sampling_reproducible(longspec):
+    """A request with `sampling_seed` samples the same tokens alone and in a batch with other
+    (unseeded) sampling requests, while speculating; other seeds give other samples."""
+    params = {**SAMPLING_PARAMS, "max_new_tokens": 24, "sampling_seed": 1234}
+    alone = longspec.generate(text=SAMPLING_PROMPT, sampling_params=params)
+    with ThreadPoolExecutor(4) as ex:
+        seeded = ex.submit(longspec.generate, text=SAMPLING_PROMPT, sampling_params=params)
+        for i in (0, 3, 12):
+            ex.submit(longspec.generate, text=PROMPTS[i],
+                      sampling_params={"temperature": 1.0, "max_new_tokens": 24})
+        batched = seeded.result()
+    assert batched["output_ids"] == alone["output_ids"]
+    assert sum(alone["meta_info"]["longspec"][0]["accepted"].values()) > 0  # it speculated
+    others = {tuple(longspec.generate(text=SAMPLING_PROMPT, sampling_params={
+        **params, "sampling_seed": s})["output_ids"]) for s in range(6)}
+    assert len(others | {tuple(alone["output_ids"])}) > 1
+
+
+@pytest.mark.server
 def test_prometheus_counters_match_the_worker(server_pool, tmp_path):
     """With --enable-metrics, LONGSPEC's counters appear on SGLang's /metrics and agree with the
     worker's own record."""
@@ -799,3 +818,32 @@ def test_tensor_parallel_two_ranks_on_cpu(server_pool, tmp_path):
     stats = read_stats(stats_file)
     assert stats["verify_steps"] > 0 and stats["accepted"] > 0 and not stats["fallbacks"], stats
     assert stats["tp_broadcasts"] >= 2 * stats["verify_steps"], stats  # drafts + outcome per verify
+
+
+@pytest.mark.server
+def test_data_parallel_two_replicas_behind_an_api_key(server_pool, plain_outputs):
+    """`--dp 2`: two replicas, each with its own LONGSPEC worker and suffix index, behind SGLang's
+    round-robin dispatcher; concurrent greedy requests give plain decoding's output and speculate
+    (per-request meta_info). `--api-key` passes through: without the key a request gets 401."""
+    import requests
+
+    srv = server_pool.get(LONGSPEC_ARGS + ("--dp", "2", "--api-key", "sekret"))
+    r = requests.post(srv.base_url + "/generate", timeout=60,
+                      json={"text": "hi", "sampling_params": {"max_new_tokens": 2}})
+    assert r.status_code == 401, r.text
+    headers = {"Authorization": "Bearer sekret"}
+    idx = [0, 1, 2, 10, 11, 12]
+
+    def one(i):
+        r = requests.post(srv.base_url + "/generate", headers=headers, timeout=900, json={
+            "text": PROMPTS[i], "sampling_params": {"temperature": 0, "max_new_tokens": MAX_NEW}})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    with ThreadPoolExecutor(len(idx)) as ex:
+        outs = list(ex.map(one, idx))
+    for i, o in zip(idx, outs):
+        assert o["output_ids"] == plain_outputs["single"][i]["output_ids"], f"prompt {i} under --dp 2"
+    accepted = [sum(o["meta_info"]["longspec"][0]["accepted"].values()) for o in outs]
+    assert sum(a > 0 for a in accepted) >= 4, accepted
+    assert srv.log_path.read_text(errors="replace").count("LONGSPEC worker: window=") == 2

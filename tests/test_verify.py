@@ -635,3 +635,34 @@ def test_draft_probs_chain_lossless_and_bias_detected(params):
     print(f"\ndraft-probs chain p-values: correct={good:.4g} bonus-from-p={bad:.3g}")
     assert good > 1e-3
     assert bad < 1e-9
+
+
+def test_seeded_uniforms_make_a_request_sample_the_same_whatever_its_batch():
+    """A seeded request's slots draw with uniforms of (seed, position): alone or next to other
+    requests (whose draws are random), its outcome is the same; another seed differs somewhere."""
+    from sgl_longspec.verify import seeded_uniforms
+
+    torch.manual_seed(0)
+    V = 50
+    logits = torch.randn(5, V)  # one request: root + a 4-token chain
+    draft = Draft.chain(torch.argmax(logits, -1)[:4].tolist())
+
+    def outcome(seed, with_others):
+        u = seeded_uniforms(seed, range(100, 105))
+        if not with_others:
+            vr = verify_sampling([draft], logits, temperature=1.0, uniforms=u)
+            return vr.requests()[0].output_tokens
+        other = torch.randn(3, V)
+        batch_logits = torch.cat([other, logits])
+        uu = torch.cat([torch.full((3,), float("nan"), dtype=torch.float64), u])
+        vr = verify_sampling([Draft.chain([1, 2]), draft], batch_logits, temperature=1.0,
+                             uniforms=uu, generator=torch.Generator().manual_seed(with_others))
+        return vr.requests()[1].output_tokens
+
+    for seed in range(20):
+        alone = outcome(seed, 0)
+        assert all(outcome(seed, k) == alone for k in (1, 2, 3))
+    assert len({tuple(outcome(s, 0)) for s in range(20)}) > 1
+    assert torch.equal(seeded_uniforms(7, [3, 4]), seeded_uniforms(7, [3, 4]))
+    u = seeded_uniforms(123, range(10000))
+    assert 0.0 <= float(u.min()) and float(u.max()) < 1.0 and abs(float(u.mean()) - 0.5) < 0.02
