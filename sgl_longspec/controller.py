@@ -413,7 +413,8 @@ class LongSpecController:
             if budgets[i] > 0 and breaker.closed and self.router.wants_source(v.rid, "suffix", len(views), budgets[i]):
                 try:
                     self.faults.check("suffix_drafter")
-                    out[i] = self.suffix.propose([DraftRequest(v.rid, v.output[-1], budgets[i])])[0]
+                    d = self.suffix.propose([DraftRequest(v.rid, v.output[-1], budgets[i])])[0]
+                    out[i] = self._checked(d, budgets[i])
                 except Exception:
                     self.fallback("suffix_drafter", [v.rid], f"suffix draft for {v.rid}")
                     budgets[i] = 0
@@ -437,6 +438,9 @@ class LongSpecController:
             self.faults.check("owl_drafter")
             trees = self.owl.propose([DraftRequest(views[i].rid, views[i].output[-1], budgets[i])
                                       for i in rows])
+            if self.faults.fires("owl_nan"):
+                trees[0].probs[:] = np.nan
+            trees = [self._checked(t, budgets[i]) for i, t in zip(rows, trees)]
         except Exception:
             self.fallback("owl_drafter", [views[i].rid for i in rows], "OWL draft")
             return out
@@ -444,6 +448,18 @@ class LongSpecController:
         for i, tree in zip(rows, trees):
             out[i] = tree
         return out
+
+    def _checked(self, d: Draft, budget: int) -> Draft:
+        """A drafter's output, or ValueError (a drafter failure) if it is not a valid draft: over
+        budget, token ids outside the vocabulary, non-finite path probabilities."""
+        n = len(d)
+        if n > budget:
+            raise ValueError(f"{d.source} drafted {n} tokens for a budget of {budget}")
+        if n and (int(d.token_ids.min()) < 0 or int(d.token_ids.max()) >= self.vocab_size):
+            raise ValueError(f"{d.source} drafted a token id outside [0, {self.vocab_size})")
+        if n and not np.isfinite(d.probs).all():
+            raise ValueError(f"{d.source} drafted non-finite path probabilities")
+        return d
 
     # ---- verification -------------------------------------------------------------------------
     def verify(self, rids: Sequence[Hashable], drafts: Sequence[Draft], logits: torch.Tensor,

@@ -6,6 +6,8 @@ default 0, so a run is repeatable). Points:
 
 - index: bringing a request's suffix tree up to date;
 - suffix_drafter / owl_drafter: drafting;
+- owl_nan: the OWL drafter returns a tree with NaN path probabilities (an invalid draft, which the
+  controller must reject as a drafter failure);
 - grammar: pruning a draft to its request's grammar (the request keeps its grammar mask and
   decodes without drafts);
 - verify: the verify step (after the target forward, before any token is committed).
@@ -19,7 +21,7 @@ from __future__ import annotations
 import os
 import random
 
-POINTS = ("index", "suffix_drafter", "owl_drafter", "grammar", "verify")
+POINTS = ("index", "suffix_drafter", "owl_drafter", "owl_nan", "grammar", "verify")
 
 
 class InjectedFault(RuntimeError):
@@ -48,8 +50,14 @@ class Faults:
                                  else seed)
         self.injected = {p: 0 for p in self.prob}
 
-    def check(self, point: str) -> None:
+    def fires(self, point: str) -> bool:
+        """Whether the point's fault happens this time (counted)."""
         p = self.prob.get(point)
         if p and self.rng.random() < p:
             self.injected[point] += 1
+            return True
+        return False
+
+    def check(self, point: str) -> None:
+        if self.fires(point):
             raise InjectedFault(f"injected fault at {point} (LONGSPEC_INJECT_FAULTS)")

@@ -425,3 +425,31 @@ def test_circuit_breaker_stops_a_failing_drafter_and_retries_later():
     for r in reqs:
         assert r.output == r.stream[len(r.prompt):len(r.prompt) + len(r.output)]
     assert ctl.stats()["breaker_trips"]["suffix_drafter"] == b.trips
+
+
+@pytest.mark.parametrize("corrupt", ["nan", "oov", "over_budget"])
+def test_invalid_drafts_are_drafter_failures(corrupt):
+    """A drafter that returns garbage (NaN path probabilities, token ids outside the vocabulary,
+    more tokens than its budget) is treated as a failing drafter: the request decodes plainly,
+    exactly, and the failure is counted."""
+    ctl = LongSpecController(LongSpecConfig(drafter_path="none"), window=16, vocab_size=VOCAB,
+                             finished_ok=lambda req: not req.aborted)
+
+    class Garbage(BrokenDrafter):
+        def propose(self, requests):
+            d = self.real.propose(requests)[0]
+            if not len(d):
+                return [d]
+            if corrupt == "nan":
+                d.probs[:] = np.nan
+            elif corrupt == "oov":
+                d.token_ids[-1] = VOCAB + 3
+            else:
+                d = Draft.chain(list(d.token_ids) * 20)
+            return [d]
+
+    ctl.suffix = Garbage(ctl.suffix, None)
+    r = FakeRequest("g", *repetitive(30, 5, 4, 30))
+    run_to_completion(ctl, [r])
+    assert r.output == r.stream[len(r.prompt):]
+    assert ctl.counters.fallbacks == {"suffix_drafter": 1} and ctl.counters.accepted == 0
