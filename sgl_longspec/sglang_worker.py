@@ -538,11 +538,12 @@ def _finished_ok(req) -> bool:
     return bool(req.finished()) and type(reason).__name__ != "FINISH_ABORT"
 
 
-def _opted_out(req) -> bool:
-    """A request may turn speculation off for itself: `"sampling_params": {"custom_params":
-    {"longspec": "off"}}` (e.g. to compare with plain decoding on the same server)."""
+def _opted_out(req, key: str = "longspec") -> bool:
+    """A request may turn a LONGSPEC feature off for itself: `"sampling_params":
+    {"custom_params": {key: "off"}}`; "longspec": speculation (e.g. to compare with plain
+    decoding on the same server), "longspec_stats": its meta_info figures."""
     params = getattr(req.sampling_params, "custom_params", None)
-    return isinstance(params, dict) and str(params.get("longspec", "")).lower() == "off"
+    return isinstance(params, dict) and str(params.get(key, "")).lower() == "off"
 
 
 def _record_request_steps(reqs, drafts, accepted) -> None:
@@ -551,8 +552,7 @@ def _record_request_steps(reqs, drafts, accepted) -> None:
     steps, and draft tokens verified and accepted per drafter. Opt out per request with
     `custom_params: {"longspec_stats": "off"}`."""
     for b, req in enumerate(reqs):
-        params = getattr(req.sampling_params, "custom_params", None)
-        if isinstance(params, dict) and str(params.get("longspec_stats", "")).lower() == "off":
+        if _opted_out(req, "longspec_stats"):
             continue
         info = req.customized_info if isinstance(req.customized_info, dict) else {}
         cur = info.get("longspec")
