@@ -5,6 +5,7 @@
     python -m benchmarks.run --preset issue4              # code-edit (Qwen2.5-Coder-0.5B) + chat
     python -m benchmarks.run --base-url http://127.0.0.1:30000 --configs current --quick
     python -m benchmarks.run --quick --bench-serving      # also sglang.benchmark.serving per config
+    python -m benchmarks.run --export-agentic-trace trace.json   # agent sessions for bench_serving
 
 For every configuration (``--configs``) the server is started once (``sgl_longspec.cli.start_server``,
 its own process group, always stopped), warmed up, and every workload (``benchmarks.workloads``) is
@@ -384,6 +385,39 @@ def bench_serving(base_url: str, model_folder: str, out_dir: Path, tag: str, con
 # Main
 
 
+AGENT_WORKLOADS = ("code_edit", "tool_json")
+
+
+def export_agentic_trace(phases: list[Phase], path: Path, seed: int) -> int:
+    """The agent sessions (code edit, tool JSON) of the preset, exactly as ``run_phase`` builds them
+    at concurrency 1, written for ``sglang.bench_serving --dataset-name agentic-trace``."""
+    from sgl_longspec.models import resolve_model_path
+
+    sessions, model = [], None
+    for ph in phases:
+        specs = [w for w in ph.workloads if w.name in AGENT_WORKLOADS]
+        if not specs:
+            continue
+        if model not in (None, ph.model):
+            break  # one tokenizer per trace
+        model = ph.model
+        tok = W.load_tokenizer(str(resolve_model_path(ph.model)))
+        context_len = MODEL_CONTEXT.get(ph.model or DEFAULT_MODEL, 8192)
+        for spec in specs:
+            sessions += build_sessions(tok, spec, 1, seed + 1, context_len)
+    if not sessions:
+        print("[benchmarks.run] the selected preset has no code_edit or tool_json workload", file=sys.stderr)
+        return 2
+    trace = W.agentic_trace(tok, sessions, {"model": model or DEFAULT_MODEL, "seed": seed,
+                                            "max_new_tokens": max(t.max_new_tokens for s in sessions
+                                                                  for t in s.turns)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(trace, indent=1))
+    turns = sum(len(c) for c in trace["conversations"])
+    print(f"[benchmarks.run] wrote {len(sessions)} conversations ({turns} turns) to {path}")
+    return 0
+
+
 def run_phase(phase: Phase, args, out_dir: Path, results: dict) -> None:
     from sgl_longspec.models import resolve_model_path
     from tqdm import tqdm
@@ -648,6 +682,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--bench-serving-prompts", type=int, default=None)
     p.add_argument("--bench-serving-output-len", type=int, default=32)
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--export-agentic-trace", metavar="FILE", default=None,
+                   help="write the preset's code-edit and tool-JSON sessions as an agentic-trace JSON "
+                        "(sglang.bench_serving --dataset-name agentic-trace) and exit")
     args = p.parse_args(argv)
     args.server_args = shlex.split(args.server_args)
 
@@ -687,6 +724,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 w.kwargs["buckets"] = args.buckets
     if args.phases:
         phases = [ph for ph in phases if ph.name in args.phases]
+    if args.export_agentic_trace:
+        return export_agentic_trace(phases, Path(args.export_agentic_trace), args.seed)
     if args.base_url:
         for c in ("current",):
             CONFIGS.setdefault(c, [])

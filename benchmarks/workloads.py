@@ -454,3 +454,27 @@ def load_tokenizer(model_folder: str):
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return AutoTokenizer.from_pretrained(model_folder)
+
+
+# --------------------------------------------------------------------------------------------
+# Export for sglang.bench_serving
+
+
+def agentic_trace(tok, sessions: list[Session], metadata: Optional[dict] = None) -> dict:
+    """Sessions in the shape of ``sglang.bench_serving --dataset-name agentic-trace``.
+
+    A conversation is a list of turns; each turn holds only its new messages (the system prompt and
+    first user message, then one user message per later turn). bench_serving replays a
+    conversation round by round and appends the server's own reply to the history before the next
+    round, as ``benchmarks.run`` does. ``prompt_tokens`` (informational for bench_serving) is the
+    first turn's chat-templated length.
+    """
+    conversations = []
+    for s in sessions:
+        first = s.first_messages()
+        turns = [{"messages": first, "prompt_tokens": chat_prompt_len(tok, first)}]
+        turns += [{"messages": [{"role": "user", "content": t.user}]} for t in s.turns[1:]]
+        conversations.append(turns)
+    meta = {"source": "sgl-longspec benchmarks.workloads",
+            "sessions": [{"sid": s.sid, "workload": s.workload, **s.meta} for s in sessions]}
+    return {"metadata": {**meta, **(metadata or {})}, "conversations": conversations}

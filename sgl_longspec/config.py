@@ -66,6 +66,16 @@ class LongSpecConfig:
         check("howl_threshold", 0.0 <= self.howl_threshold <= 1e3, "must be in [0, 1000]")
         check("owl_max_nodes", 1 <= self.owl_max_nodes <= 256, "must be in [1, 256]")
         check("owl_top_k", 1 <= self.owl_top_k <= 64, "must be in [1, 64]")
+        if self.drafter_path and self.drafter_path.lower() != "none":
+            # The checkpoint's files, before any model is loaded: a missing, unreadable or truncated
+            # one stops the launch at once with the file named. Whether it fits the target is
+            # checked when the scheduler loads it (that needs the target's weights).
+            from sgl_longspec.owl.model import check_checkpoint_files
+
+            try:
+                check_checkpoint_files(self.drafter_path)
+            except ValueError as e:
+                raise ValueError(f"--longspec-drafter-path: {e}") from None
 
     # ---- transport -------------------------------------------------------------------------
     def to_env(self) -> None:

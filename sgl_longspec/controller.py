@@ -525,6 +525,7 @@ class LongSpecController:
             "num_cached_responses": idx.num_cached_responses,
             "cached_response_ids": [str(r) for _, r in idx.cached_responses()],
             "index_memory_bytes": idx.memory_bytes(),
+            "index_global_bytes": idx.global_memory_bytes(),  # past outputs (bounded, FIFO)
             "tracked_requests": len(self._prev),
             "router_records": len(self.router),
             "hidden_states": len(self.owl.hidden) if self.owl is not None else 0,

@@ -2,7 +2,10 @@
 
 Runs both agent loops end to end on the default model (SmolLM2-135M) with small max_tokens: it
 checks that the loop talks to the server, runs tools on its toy repository and prints per-turn
-stats, not that the model solves the task (the 135M model does not).
+stats, not that the model solves the task (the 135M model does not; the committed Qwen2.5-Coder
+runs in benchmarks/results/agents/ do). Then both agents run on a LONGSPEC server: every turn's
+reply must equal the plain server's (greedy, float32) and speculation must have paid (tau > 1
+from SGLang's per-request verify counts).
 """
 
 from __future__ import annotations
@@ -67,3 +70,30 @@ def test_sglang_frontend_agent_runs(server_pool, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "[turn 1]" in out and "tok/s" in out and "TOTAL:" in out, out
     assert res["turns"] and res["turns"][0]["tokens"] > 0
+
+
+# Every draft verified (no cost model): which steps speculate must not depend on how fast this
+# machine happens to be, so that tau > 1 is a deterministic property of the greedy run.
+LONGSPEC_ARGS = ("--speculative-algorithm", "LONGSPEC", "--longspec-cost-aware", "false")
+AGENT_KWARGS = {"openai_tool_agent": {"max_turns": 2, "max_tokens": 64, "timeout": 900},
+                "sglang_frontend_agent": {"max_turns": 2, "max_tokens": 64}}
+
+
+@pytest.mark.server
+def test_agents_speculate_on_longspec_and_match_plain(server_pool, tmp_path):
+    # Both agents on the plain server first, then both on LONGSPEC: one server switch.
+    runs = {}
+    for cfg, srv in (("plain", lambda: _server(server_pool)), ("longspec", lambda: server_pool.get(LONGSPEC_ARGS))):
+        base_url = srv().base_url
+        for name, kw in AGENT_KWARGS.items():
+            runs[cfg, name] = _load(name).run_agent(base_url, repo=tmp_path / cfg / name, **kw)
+    for name in AGENT_KWARGS:
+        plain, spec = runs["plain", name]["turns"], runs["longspec", name]["turns"]
+        assert [t["text"] for t in spec] == [t["text"] for t in plain], name
+        assert [t["tokens"] for t in spec] == [t["tokens"] for t in plain], name
+        assert all(t["verify_ct"] is None for t in plain), name  # no speculation: no verify counts
+        tokens = sum(t["tokens"] for t in spec)
+        verify = sum(t["verify_ct"] or 0 for t in spec)
+        assert verify > 0 and tokens / verify > 1.0, (name, tokens, verify, spec)
+        for rel in ("textstats/summary.py",):  # the tools did the same to both repositories
+            assert (tmp_path / "plain" / name / rel).read_text() == (tmp_path / "longspec" / name / rel).read_text()

@@ -445,6 +445,73 @@ def test_cli_rejects_bad_longspec_option():
         assert "--longspec-" in p.stderr, p.stderr
 
 
+def _damaged_checkpoints(tmp_path: Path) -> dict:
+    """Copies of the shipped drafter checkpoint, each damaged one way."""
+    import shutil
+
+    from sgl_longspec.owl import shipped_checkpoint
+
+    src = shipped_checkpoint()
+    out = {"missing": (tmp_path / "no-such-checkpoint", "is not a directory")}
+    for name in ("truncated", "garbage-config", "no-weights"):
+        d = tmp_path / name
+        shutil.copytree(src, d)
+        out[name] = (d, {"truncated": "drafter.safetensors is corrupt", "garbage-config": "not valid JSON",
+                         "no-weights": "has no drafter.safetensors"}[name])
+    raw = (out["truncated"][0] / "drafter.safetensors").read_bytes()
+    (out["truncated"][0] / "drafter.safetensors").write_bytes(raw[: len(raw) // 3])
+    (out["garbage-config"][0] / "config.json").write_text("{not json")
+    (out["no-weights"][0] / "drafter.safetensors").unlink()
+    return out
+
+
+def test_cli_refuses_a_damaged_drafter_checkpoint_naming_the_file(tmp_path):
+    """A missing, corrupt or truncated checkpoint stops the launch before any model is loaded
+    (exit 2), with the file and the reason in the message."""
+    exe = Path(sys.executable).parent / "sgl-longspec"
+    for name, (path, reason) in _damaged_checkpoints(tmp_path).items():
+        p = subprocess.run([str(exe), "serve", "--speculative-algorithm", "LONGSPEC",
+                            "--longspec-drafter-path", str(path)], capture_output=True, text=True, timeout=180)
+        assert p.returncode == 2, (name, p.stderr[-2000:])
+        assert str(path) in p.stderr and reason in p.stderr, (name, p.stderr[-2000:])
+
+
+@pytest.mark.server
+def test_server_refuses_a_drafter_checkpoint_for_another_model(tmp_path):
+    """A well-formed checkpoint trained for another target (its recorded target fingerprint
+    differs) passes the file check, then stops the server start in the scheduler with the file
+    and the reason in the log; nothing keeps running."""
+    import os
+    import shutil
+    import signal
+    import socket
+
+    from sgl_longspec.cli import start_server
+    from sgl_longspec.owl import shipped_checkpoint
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ckpt = tmp_path / "other-target"
+    shutil.copytree(shipped_checkpoint(), ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    assert cfg.get("target_fingerprint"), "the shipped checkpoint records its target"
+    cfg["target_fingerprint"]["probe_norms"] = [2 * x + 1 for x in cfg["target_fingerprint"]["probe_norms"]]
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    log = tmp_path / "server.log"
+    with open(log, "wb") as f:
+        proc, _ = start_server(None, "127.0.0.1", port, [
+            "--speculative-algorithm", "LONGSPEC", "--longspec-drafter-path", str(ckpt)], log_file=f)
+        try:
+            rc = proc.wait(timeout=600)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text(errors="replace")
+    assert rc != 0, text[-3000:]
+    assert "--longspec-drafter-path" in text and str(ckpt) in text and "fingerprint" in text, text[-3000:]
+
+
 # ---------------------------------------------------------------------------- end to end
 
 @pytest.fixture(scope="module")

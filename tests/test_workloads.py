@@ -80,3 +80,25 @@ def test_agent_and_chat_workloads(tok):
 def test_sharegpt_reader_reads_complete_records():
     recs = list(W.iter_sharegpt(50))
     assert len(recs) == 50 and all("conversations" in r for r in recs)
+
+
+def test_agentic_trace_loads_in_sglang_bench_serving(tok, tmp_path):
+    """The exported trace is read by sglang.bench_serving's own agentic-trace loader into
+    multi-turn rows whose rounds are exactly the sessions' messages, in order."""
+    import json
+
+    sglang_ds = pytest.importorskip("sglang.benchmark.datasets.agentic_trace")
+    sessions = W.code_edit_sessions(tok, 2, 2, 64) + W.tool_json_sessions(tok, 2, 3, 64)
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps(W.agentic_trace(tok, sessions, {"seed": 0})))
+    rows = sglang_ds.AgenticTraceDataset(dataset_path=str(path), num_requests=0, fixed_output_len=None,
+                                         offset=0, max_turns=None).load(tok)
+    assert len(rows) == len(sessions)
+    for row, s in zip(rows, sessions):
+        assert len(row.prompt) == len(s.turns)
+        # bench_serving replays a row as multi-turn when each round is a list of role/content dicts
+        rounds = row.prompt
+        assert all(isinstance(m, dict) and set(m) == {"role", "content"} for rnd in rounds for m in rnd)
+        assert rounds[0] == s.first_messages()
+        assert [r for rnd in rounds[1:] for r in rnd] == [{"role": "user", "content": t.user} for t in s.turns[1:]]
+        assert row.prompt_len == W.chat_prompt_len(tok, s.first_messages())

@@ -188,10 +188,12 @@ def parse_text_tool_calls(text: str) -> list[tuple[str, dict]]:
 class Stats:
     turns: list = field(default_factory=list)
 
-    def add(self, turn: int, tokens: int, seconds: float, verify_ct: int | None, what: str) -> None:
+    def add(self, turn: int, tokens: int, seconds: float, verify_ct: int | None, what: str,
+            text: str = "") -> None:
+        """One model turn; `text` (the whole reply, not printed) lets runs be compared exactly."""
         tau = tokens / verify_ct if verify_ct else None
         self.turns.append({"turn": turn, "tokens": tokens, "seconds": seconds, "verify_ct": verify_ct,
-                           "tau": tau, "what": what})
+                           "tau": tau, "what": what, "text": text})
         tau_s = f"{tau:.2f}" if tau is not None else "n/a (no speculation)"
         print(f"[turn {turn}] {tokens} tokens in {seconds:.1f}s = {tokens / max(seconds, 1e-9):.1f} tok/s, "
               f"tau {tau_s} -> {what}", flush=True)

@@ -84,7 +84,8 @@ def run_agent(base_url: str, model: str = "default", max_turns: int = 6, max_tok
                      for i, (name, args) in enumerate(parse_text_tool_calls(msg.content or ""))]
         what = ", ".join(f"{name}({', '.join(f'{k}=' + repr(v)[:30] for k, v in args.items())})"
                          for _, name, args in calls) or f"answer: {(msg.content or '').strip()[:80]!r}"
-        stats.add(turn, n, dt, spec_verify_ct(resp), what)
+        stats.add(turn, n, dt, spec_verify_ct(resp), what,
+                  text=(msg.content or "") + json.dumps([c[1:] for c in calls]))
         if not calls:
             final = msg.content
             break

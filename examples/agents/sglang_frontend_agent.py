@@ -74,7 +74,7 @@ def coding_agent(s, root: str, max_turns: int, max_tokens: int, stats: Stats):
         action, args = parse_action(reply)
         stats.add(turn, int(meta.get("completion_tokens", 0)), dt,
                   int(meta.get("spec_verify_ct", 0) or 0) or None,
-                  f"{action}({', '.join(f'{k}=' + repr(v)[:30] for k, v in args.items())})")
+                  f"{action}({', '.join(f'{k}=' + repr(v)[:30] for k, v in args.items())})", text=reply)
         if action == "done":
             break
         if action == "none":

@@ -493,6 +493,28 @@ def read_config(path: str | os.PathLike) -> OwlConfig:
     return OwlConfig.from_dict(d)
 
 
+def check_checkpoint_files(path: str | os.PathLike) -> OwlConfig:
+    """The checkpoint's files alone (no target needed, no tensor loaded): config.json valid, and
+    every safetensors file present with a readable header that its size covers (a truncated
+    download fails here). Raises ``ValueError`` naming the file."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    cfg = read_config(path)
+    for name, required in ((WEIGHTS_NAME, True), (VOCAB_NAME, False)):
+        f = path / name
+        if not f.is_file():
+            if required:
+                raise ValueError(f"drafter checkpoint {path} has no {name}")
+            continue
+        try:
+            with safe_open(str(f), "pt") as st:
+                st.keys()
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise ValueError(f"drafter checkpoint {f} is corrupt: {e}") from e
+    return cfg
+
+
 def load_drafter(path: str | os.PathLike, target_embedding: Any, target_lm_head: Any,
                  device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                  check_fingerprint: bool = True) -> OwlDrafter:
