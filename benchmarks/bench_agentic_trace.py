@@ -161,15 +161,20 @@ def main(argv=None) -> int:
     (out / "results.json").write_text(json.dumps({"rows": rows, "raw": results}, indent=1))
     (out / "results.md").write_text(md + "\n")
     plot(rows, out / "throughput.png")
-    meta = json.loads(trace.read_text())["metadata"]
+    data = json.loads(trace.read_text())
+    meta = data["metadata"]
+    counts: dict = {}
+    for sess in meta["sessions"]:
+        counts[sess["workload"]] = counts.get(sess["workload"], 0) + 1
+    kinds = ", ".join(f"{n} {w.replace('_', '-')}" for w, n in counts.items())
+    turns = sum(len(c) for c in data["conversations"])
     example = results["longspec"][cells[0]]["command"]
     (out / "README.md").write_text(
         f"# Agent traffic through `sglang.bench_serving` (agentic-trace)\n\n"
         f"Command: `{cmd}`\n\n"
         f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}; machine: {R.machine_desc()}; model: "
-        f"{meta['model']} (float32); {len(meta['sessions'])} conversations (code edit and tool JSON, "
-        f"{sum(1 for _ in meta['sessions'])} sessions, seed {args.seed}), at most {args.output_len} "
-        f"tokens per turn, a fresh server per cell.\n\n"
+        f"{meta['model']} (float32); {len(meta['sessions'])} conversations ({kinds}, seed {args.seed}), "
+        f"{turns} turns, at most {args.output_len} tokens per turn, a fresh server per cell.\n\n"
         f"The trace (`trace.json`) was written by `python -m benchmarks.run {shlex.join(export)}`; each "
         f"cell ran (server URL and paths differ per run):\n\n```\n{example}\n```\n\n{md}\n\n"
         f"tok/s is bench_serving's output throughput; accept length is SGLang's own "

@@ -92,13 +92,7 @@ def _stream(session, url: str, body: dict, stop_after: int | None, on_stop=None)
     with session.post(url + "/generate", json=body, stream=True, timeout=1800) as r:
         if r.status_code != 200:
             return {"status": r.status_code, "error": r.text[:300]}
-        for line in r.iter_lines():
-            if not line or not line.startswith(b"data:"):
-                continue
-            payload = line[5:].strip()
-            if payload == b"[DONE]":
-                break
-            last = json.loads(payload)
+        for last in R.sse_chunks(r):
             chunks += 1
             if stop_after is not None and chunks == stop_after:
                 if on_stop is None:
@@ -358,6 +352,14 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _restore(env: dict) -> None:
+    for k, v in env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 def main(argv=None) -> int:
     from tqdm import tqdm
 
@@ -399,11 +401,7 @@ def main(argv=None) -> int:
         srv_cm = R.Server(args.model_path, ["--speculative-algorithm", "LONGSPEC"], out / "logs" / "server-longspec.log",
                           R.free_port(), args.startup_timeout)
         with srv_cm as srv:
-            for k, v in old_env.items():  # the plain server later runs without them
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+            _restore(old_env)  # the plain server later runs without them
             tok = W.load_tokenizer(srv.model_folder)
             vocab = len(tok)
             pool = request_pool(tok, args.prompts_per_kind, args.seed)
@@ -474,11 +472,7 @@ def main(argv=None) -> int:
         report["replay"] = replay_plain(args.model_path, pool, records, out, args.startup_timeout)
         report["checks"] = verdict(report, args.rss_tolerance)
     finally:
-        for k, v in old_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _restore(old_env)
         report["samples"] = samples
         report["marks"] = marks
         (out / "report.json").write_text(json.dumps(report, indent=1, default=str))

@@ -159,6 +159,17 @@ def flush_cache(base_url: str) -> None:
         time.sleep(1.0)
 
 
+def sse_chunks(response):
+    """The JSON chunks of a streamed SGLang response (server-sent events, up to [DONE])."""
+    for line in response.iter_lines():
+        if not line or not line.startswith(b"data:"):
+            continue
+        payload = line[5:].strip()
+        if payload == b"[DONE]":
+            return
+        yield json.loads(payload)
+
+
 def generate_stream(base_url: str, input_ids: list[int], max_new_tokens: int) -> dict:
     """One streamed greedy /generate; returns text, meta_info, ttft and client-side latency."""
     import requests
@@ -169,13 +180,7 @@ def generate_stream(base_url: str, input_ids: list[int], max_new_tokens: int) ->
     ttft, last = None, None
     with requests.post(base_url + "/generate", json=body, stream=True, timeout=3600) as r:
         r.raise_for_status()
-        for line in r.iter_lines():
-            if not line or not line.startswith(b"data:"):
-                continue
-            payload = line[5:].strip()
-            if payload == b"[DONE]":
-                break
-            last = json.loads(payload)
+        for last in sse_chunks(r):
             if ttft is None and last.get("meta_info", {}).get("completion_tokens", 0) > 0:
                 ttft = time.perf_counter() - t0
     latency = time.perf_counter() - t0

@@ -97,3 +97,16 @@ def test_agents_speculate_on_longspec_and_match_plain(server_pool, tmp_path):
         assert verify > 0 and tokens / verify > 1.0, (name, tokens, verify, spec)
         for rel in ("textstats/summary.py",):  # the tools did the same to both repositories
             assert (tmp_path / "plain" / name / rel).read_text() == (tmp_path / "longspec" / name / rel).read_text()
+
+
+def test_text_tool_calls_and_write_without_content(tmp_path):
+    common = _load("common")
+    calls = common.parse_text_tool_calls(
+        '{"name": "read_file", "arguments": {"path": "a.py"}}\n'
+        '```json\n{"name": "write_file", "arguments": "{\\"path\\": \\"a.py\\", \\"content\\": \\"x = {1: 2}\\"}"}\n```')
+    assert calls == [("read_file", {"path": "a.py"}), ("write_file", {"path": "a.py", "content": "x = {1: 2}"})]
+    assert common.parse_text_tool_calls("no call here {not json}") == []
+    root = common.create_repo(tmp_path / "repo")
+    before = common.read_file(root, "textstats/summary.py")
+    assert common.call_tool(root, "write_file", {"path": "textstats/summary.py"}).startswith("ERROR")
+    assert common.read_file(root, "textstats/summary.py") == before

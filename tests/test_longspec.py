@@ -720,7 +720,7 @@ def test_abort_frees_request_state(longspec, stats_path):
 
     # A streamed request that the client abandons mid-generation.
     r = requests.post(longspec.base_url + "/generate", stream=True, timeout=600, json={
-        "text": PROMPTS[0], "stream": True,
+        "text": PROMPTS[0], "stream": True, "rid": "abandoned-by-its-client",
         "sampling_params": {"temperature": 0, "max_new_tokens": 400, "ignore_eos": True}})
     got = 0
     for chunk in r.iter_lines():
@@ -737,6 +737,9 @@ def test_abort_frees_request_state(longspec, stats_path):
     assert stats["num_active_requests"] <= 1, stats
     assert stats["num_active_requests"] == len(stats["active_requests"])
     assert done["meta_info"]["id"] in stats["cached_response_ids"], stats  # finished -> global tree
+    # the abandoned request's state is gone and its partial output stayed out of the global tree
+    assert "abandoned-by-its-client" not in stats["active_requests"], stats
+    assert "abandoned-by-its-client" not in stats["cached_response_ids"], stats
     assert stats["index_memory_bytes"] > 0
 
 
@@ -780,6 +783,28 @@ def test_sampling_seed_makes_speculative_sampling_reproducible(longspec):
     others = {tuple(longspec.generate(text=SAMPLING_PROMPT, sampling_params={
         **params, "sampling_seed": s})["output_ids"]) for s in range(6)}
     assert len(others | {tuple(alone["output_ids"])}) > 1
+
+
+@pytest.mark.server
+def test_retracted_requests_finish_losslessly(server_pool, plain_outputs, tmp_path):
+    """SGLang's retraction test mode (SGLANG_TEST_RETRACT: every 10th step retracts running
+    requests, which later re-enter through prefill) on a LONGSPEC server: every request finishes
+    with plain decoding's output, retraction really happened (SGLang's log), drafts were accepted
+    with nothing falling back, and the worker tracks nothing afterwards."""
+    stats_file = tmp_path / "retract_stats.json"
+    srv = server_pool.get(LONGSPEC_ARGS, env={"SGLANG_TEST_RETRACT": "1", "SGLANG_TEST_RETRACT_INTERVAL": "10",
+                                              "LONGSPEC_STATS_FILE": str(stats_file)})
+    idx = list(range(6))
+    with ThreadPoolExecutor(len(idx)) as ex:
+        outs = list(ex.map(lambda i: srv.generate(text=PROMPTS[i], sampling_params={
+            "temperature": 0, "max_new_tokens": MAX_NEW}), idx))
+    for i, o in zip(idx, outs):
+        assert o["output_ids"] == plain_outputs["single"][i]["output_ids"], f"prompt {i} differs after retraction"
+    assert "Testing retraction" in srv.log_tail(100000), "no retraction happened"
+    srv.generate(text=PROMPTS[7], sampling_params={"temperature": 0, "max_new_tokens": 4})
+    stats = read_stats(stats_file)
+    assert stats["verify_steps"] > 0 and stats["accepted"] > 0 and not stats["fallbacks"], stats
+    assert stats["tracked_requests"] <= 1 and stats["num_active_requests"] <= 1, stats  # the probe only
 
 
 @pytest.mark.server

@@ -147,7 +147,9 @@ def call_tool(root: Path, name: str, arguments: dict) -> str:
     if name == "read_file":
         return read_file(root, str(arguments.get("path", "")))
     if name == "write_file":
-        return write_file(root, str(arguments.get("path", "")), str(arguments.get("content", "")))
+        if not arguments.get("content"):  # a call without the file must not blank it
+            return "ERROR: write_file needs `content`: the complete new file"
+        return write_file(root, str(arguments.get("path", "")), str(arguments["content"]))
     if name == "run_tests":
         ok, out = run_tests(root)
         return ("PASSED\n" if ok else "FAILED\n") + out
@@ -157,22 +159,28 @@ def call_tool(root: Path, name: str, arguments: dict) -> str:
 _TOOL_CALL_RE = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.S)
 
 
-def parse_text_tool_calls(text: str) -> list[tuple[str, dict]]:
-    """Tool calls written in the message text (Qwen's <tool_call>{...}</tool_call> format or a bare
-    JSON object with "name" and "arguments"), for servers started without --tool-call-parser."""
-    found = []
-    blobs = _TOOL_CALL_RE.findall(text or "")
-    if not blobs:
-        s = (text or "").strip()
-        if s.startswith("```"):
-            s = s.strip("`").split("\n", 1)[-1]
-        if s.startswith("{"):
-            blobs = [s]
-    for b in blobs:
+def _json_objects(text: str) -> list:
+    """Every top-level JSON object in the text, in order (models often write several tool calls
+    one after another, or wrap them in a ``` fence)."""
+    dec, objs, i = json.JSONDecoder(), [], 0
+    while (i := text.find("{", i)) != -1:
         try:
-            obj = json.loads(b)
+            obj, end = dec.raw_decode(text, i)
         except json.JSONDecodeError:
+            i += 1
             continue
+        objs.append(obj)
+        i = end
+    return objs
+
+
+def parse_text_tool_calls(text: str) -> list[tuple[str, dict]]:
+    """Tool calls written in the message text (Qwen's <tool_call>{...}</tool_call> format, or bare
+    JSON objects with "name" and "arguments"), for replies the server's tool parser did not
+    turn into structured calls."""
+    blobs = _TOOL_CALL_RE.findall(text or "") or [text or ""]
+    found = []
+    for obj in (o for b in blobs for o in _json_objects(b)):
         if isinstance(obj, dict) and "name" in obj:
             args = obj.get("arguments", {})
             if isinstance(args, str):

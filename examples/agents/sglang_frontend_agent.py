@@ -64,6 +64,7 @@ def coding_agent(s, root: str, max_turns: int, max_tokens: int, stats: Stats):
     s += sgl.system(SYSTEM)
     s += sgl.user(f"{TASK}\n\nCurrent textstats/summary.py:\n```python\n"
                   f"{read_file(root_p, 'textstats/summary.py')}```")
+    done_actions: list = []
     for turn in range(1, max_turns + 1):
         name = f"turn{turn}"
         t0 = time.perf_counter()
@@ -80,6 +81,13 @@ def coding_agent(s, root: str, max_turns: int, max_tokens: int, stats: Stats):
         if action == "none":
             s += sgl.user("Reply with one action: READ, WRITE, TEST or DONE.")
             continue
+        if (action, args) in done_actions:  # small models loop; point them at the next step
+            s += sgl.user(f"You already did {action} with these arguments; its result is above. "
+                          "Take the next step: WRITE the complete changed file, TEST, or DONE.")
+            continue
+        if action == "write_file":  # the repository changed: earlier reads and tests are stale
+            done_actions.clear()
+        done_actions.append((action, args))
         result = call_tool(root_p, action, args)
         s += sgl.user(f"Result of {action}:\n{result}")
 
