@@ -51,7 +51,7 @@ from benchmarks.bench_constrained import TOOL_CALL_SCHEMA
 
 # Every fault point, at rates that make each fire many times in a 10-minute run (and the OWL
 # drafter's often enough to trip its circuit breaker).
-FAULTS = "index:0.002,suffix_drafter:0.01,owl_drafter:0.05,owl_nan:0.01,grammar:0.02,verify:0.002"
+FAULTS = "index:0.002,suffix_drafter:0.01,owl_drafter:0.05,owl_nan:0.02,grammar:0.02,verify:0.03"
 # How a request is sent, with its weight.
 ACTIONS = {"stream": 30, "full": 25, "schema": 10, "disconnect": 12, "abort": 12, "bad": 6}
 PER_REQUEST_STATE = ("tracked_requests", "router_records", "hidden_states", "num_active_requests")
@@ -285,7 +285,10 @@ def verdict(report: dict, rss_tol: float) -> dict:
         "every bad request got a 4xx": outcomes.get("wrong-status", 0) == 0,
         "completed outputs identical to plain": not report["replay"]["wrong"],
         "per-request state back to baseline": all(a.get(k) == b.get(k) for k in PER_REQUEST_STATE),
-        "per-request index bytes back to baseline": a.get("index_request_bytes") == b.get("index_request_bytes"),
+        # Both snapshots hold one small probe in flight, whose tree is a few tokens longer or
+        # shorter depending on which decode step wrote the snapshot: within 1 KiB of baseline.
+        "per-request index bytes back to baseline (within 1 KiB)":
+            abs((a.get("index_request_bytes") or 0) - (b.get("index_request_bytes") or 0)) <= 1024,
         "KV tokens in use back to baseline": a.get("num_used_tokens") == b.get("num_used_tokens"),
         f"RSS within {rss_tol:.0%} of baseline": a["rss_mb"] <= b["rss_mb"] * (1 + rss_tol),
         "every fault point fired and the server survived": bool(report["faults_injected"]) and all(

@@ -337,9 +337,13 @@ class LongSpecController:
         self._prev = current
 
     def clear(self) -> None:
+        """Forget every request (SGLang's flush_cache, which runs only when nothing is in flight).
+        The last batch's requests are released as departed first: one that a failure turned
+        plain is no longer in the index but still has a router record and a plain mark."""
+        self.release_departed([])
         for rid in list(self.suffix.indexed):
             self.release(rid, keep_output=False)
-        self._prev = {}
+        self._plain.clear()
 
     def remember_hidden(self, rids: Sequence[Hashable], hidden: Optional[torch.Tensor]) -> None:
         """The target hidden states whose logits produced each request's newest token."""

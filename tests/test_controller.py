@@ -170,6 +170,21 @@ def test_drafter_failure_turns_only_that_request_plain(caplog):
     assert "Traceback" in caplog.text and "injected drafter failure" in caplog.text
 
 
+def test_clear_forgets_requests_a_failure_turned_plain():
+    """flush_cache right after a batch in which a drafter failed: nothing of the failed request
+    (router record, plain mark) survives, as the load-and-fault suite requires."""
+    ctl = controller()
+    ctl.suffix = BrokenDrafter(ctl.suffix, "bad")
+    good = FakeRequest("good", *repetitive(4, 5, 4, 30))
+    bad = FakeRequest("bad", *repetitive(5, 5, 4, 30))
+    for _ in range(3):
+        run_step(ctl, [good, bad])
+    assert ctl.counters.fallbacks == {"suffix_drafter": 1} and len(ctl.router) == 2
+    ctl.clear()
+    assert len(ctl.router) == 0 and not ctl._plain
+    assert ctl.stats()["tracked_requests"] == 0 and ctl.index.num_active_requests == 0
+
+
 def test_index_failure_is_counted_by_cause():
     ctl = controller()
     r = FakeRequest("x", *repetitive(6, 5, 4, 10))

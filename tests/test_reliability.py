@@ -47,7 +47,7 @@ def test_each_loss_or_leak_fails_its_check():
         "every bad request got a 4xx": _break(("outcomes", "wrong-status"), 1),
         "completed outputs identical to plain": _break(("replay", "wrong"), ["rel-3-4"]),
         "per-request state back to baseline": _break(("after", "hidden_states"), 7),
-        "per-request index bytes back to baseline": _break(("after", "index_request_bytes"), 900),
+        "per-request index bytes back to baseline (within 1 KiB)": _break(("after", "index_request_bytes"), 5000),
         "KV tokens in use back to baseline": _break(("after", "num_used_tokens"), 64),
         "RSS within 5% of baseline": _break(("after", "rss_mb"), 3200.0),
         "every fault point fired and the server survived": _break(("server_alive_after",), False),
