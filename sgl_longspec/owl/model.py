@@ -542,7 +542,10 @@ def load_drafter(path: str | os.PathLike, target_embedding: Any, target_lm_head:
         raise ValueError(f"drafter checkpoint {path}: config.json fingerprint disagrees with its "
                          "hidden/vocab size")
     if check_fingerprint:
-        verify_fingerprint(fp, emb)
+        try:
+            verify_fingerprint(fp, emb)
+        except ValueError as e:
+            raise ValueError(f"drafter checkpoint {path}: {e}") from None
     wfile = path / WEIGHTS_NAME
     if not wfile.is_file():
         raise ValueError(f"drafter checkpoint {path} has no {WEIGHTS_NAME}")
