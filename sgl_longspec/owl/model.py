@@ -525,7 +525,7 @@ def load_drafter(path: str | os.PathLike, target_embedding: Any, target_lm_head:
     from safetensors.torch import load_file
 
     path = Path(path)
-    cfg = read_config(path)
+    cfg = check_checkpoint_files(path)
     emb = _weight_of(target_embedding)
     head = _weight_of(target_lm_head)
     if emb.shape[1] != cfg.hidden_size or head.shape[1] != cfg.hidden_size:
@@ -547,8 +547,6 @@ def load_drafter(path: str | os.PathLike, target_embedding: Any, target_lm_head:
         except ValueError as e:
             raise ValueError(f"drafter checkpoint {path}: {e}") from None
     wfile = path / WEIGHTS_NAME
-    if not wfile.is_file():
-        raise ValueError(f"drafter checkpoint {path} has no {WEIGHTS_NAME}")
     try:
         state = load_file(str(wfile))
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
