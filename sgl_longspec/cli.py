@@ -110,12 +110,15 @@ def start_server(model_path: str | None, host: str, port: int, extra: list[str],
     ranks = (_int_flag(extra, ("--tp", "--tp-size", "--tensor-parallel-size"))
              * _int_flag(extra, ("--dp", "--dp-size", "--data-parallel-size"))
              * _int_flag(extra, ("--pp", "--pp-size", "--pipeline-parallel-size")))
+    env = dict(os.environ)
     if on_cpu and ranks > 1:
-        os.environ.setdefault("SGLANG_CPU_OMP_THREADS_BIND", cpu.threads_bind(ranks))
+        # For this server's processes only: a later single-rank server from the same caller
+        # (a test session, a benchmark) must not inherit a two-rank core split.
+        env.setdefault("SGLANG_CPU_OMP_THREADS_BIND", cpu.threads_bind(ranks))
     cmd = [sys.executable, "-m", "sglang.launch_server",
            *build_launch_args(path, host, port, extra, on_cpu)]
     proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT if log_file else None,
-                            start_new_session=True)
+                            start_new_session=True, env=env)
     return proc, path
 
 

@@ -63,15 +63,18 @@ def configure_server_args(server_args) -> None:
     from sgl_longspec.attention_backends import select_backend
 
     cfg = LongSpecConfig.from_env()
-    if server_args.speculative_draft_model_path and not cfg.drafter_path:
+    from_draft_flag = bool(server_args.speculative_draft_model_path and not cfg.drafter_path)
+    if from_draft_flag:
         # The OWL checkpoint may come as SGLang's own draft-model flag.
         cfg.drafter_path = str(server_args.speculative_draft_model_path)
-        cfg.to_env()
     window = server_args.speculative_num_draft_tokens
     if window is None:
         window = cfg.max_spec_tokens + 1
-        server_args.speculative_num_draft_tokens = window
     cfg.validate(int(window))
+    # Only a configuration that passed reaches the environment the scheduler processes inherit.
+    server_args.speculative_num_draft_tokens = window
+    if from_draft_flag:
+        cfg.to_env()
     device = str(server_args.device or "cuda")
     backend = select_backend("cpu" if device == "cpu" else "cuda", server_args.attention_backend)
     if backend != server_args.attention_backend:

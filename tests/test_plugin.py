@@ -48,6 +48,15 @@ def test_longspec_is_its_own_algorithm(registered):
     assert algo.carries_draft_hidden_states() is False and algo.need_topk() is False
 
 
+@pytest.fixture
+def no_config_env(monkeypatch):
+    """No LONGSPEC_CONFIG during the test, and whatever the test writes there undone after it
+    (a bare delenv of an absent variable records nothing to restore: the write would leak into
+    every server later tests start)."""
+    monkeypatch.setenv(ENV_VAR, "")
+    monkeypatch.delenv(ENV_VAR)
+
+
 def fake_args(**kw):
     base = dict(speculative_draft_model_path=None, speculative_num_draft_tokens=None,
                 device="cpu", attention_backend=None, disable_overlap_schedule=False,
@@ -56,10 +65,9 @@ def fake_args(**kw):
     return types.SimpleNamespace(**base)
 
 
-def test_server_args_defaults_for_a_bare_launch(monkeypatch):
+def test_server_args_defaults_for_a_bare_launch(no_config_env):
     from sgl_longspec.sglang_algo import configure_server_args
 
-    monkeypatch.delenv(ENV_VAR, raising=False)
     a = fake_args(attention_backend="torch_native")
     configure_server_args(a)
     assert a.speculative_num_draft_tokens == LongSpecConfig().max_spec_tokens + 1
@@ -76,12 +84,23 @@ def test_server_args_defaults_for_a_bare_launch(monkeypatch):
         configure_server_args(fake_args(speculative_num_draft_tokens=4))
 
 
-def test_draft_model_path_names_the_owl_checkpoint(monkeypatch):
+def test_draft_model_path_names_the_owl_checkpoint(no_config_env):
+    from sgl_longspec.owl import shipped_checkpoint
     from sgl_longspec.sglang_algo import configure_server_args
 
-    monkeypatch.delenv(ENV_VAR, raising=False)
-    configure_server_args(fake_args(speculative_draft_model_path="/ckpt/owl"))
-    assert LongSpecConfig.from_env().drafter_path == "/ckpt/owl"
+    ckpt = str(shipped_checkpoint())
+    configure_server_args(fake_args(speculative_draft_model_path=ckpt))
+    assert LongSpecConfig.from_env().drafter_path == ckpt
+
+
+def test_a_refused_draft_model_path_leaves_no_configuration_behind(no_config_env, tmp_path):
+    from sgl_longspec.sglang_algo import configure_server_args
+
+    missing = str(tmp_path / "no-such-checkpoint")
+    a = fake_args(speculative_draft_model_path=missing)
+    with pytest.raises(ValueError, match="--longspec-drafter-path.*no-such-checkpoint"):
+        configure_server_args(a)
+    assert not os.environ.get(ENV_VAR) and a.speculative_num_draft_tokens is None
 
 
 def test_longspec_flags_on_sglangs_own_parser(registered, monkeypatch):
