@@ -61,5 +61,15 @@ def test_each_loss_or_leak_fails_its_check():
         "every fault point fired and the server survived"]
 
 
+def test_a_probe_that_a_fault_made_smaller_is_no_leak():
+    """After the load, the idle probe can hold less state than at baseline (an injected fault
+    turned it plain, which takes it out of the suffix index): that passes; more than baseline
+    never does."""
+    r = _break(("after", "num_active_requests"), 0)
+    r["after"]["index_request_bytes"] = 0
+    assert all(REL.verdict(r, 0.05).values())
+    assert not REL.verdict(_break(("after", "router_records"), 2), 0.05)["per-request state back to baseline"]
+
+
 def test_group_rss_sees_this_process_group():
     assert REL.group_rss_mb(os.getpgid(0)) > 10
