@@ -38,6 +38,8 @@ class LongSpecConfig:
     batch_draft_budget: int = 64  # draft tokens per verify step over the whole batch
     backoff_steps: int = 8  # after a fully rejected draft, plain-decode this request for up to N steps
     cost_aware: bool = True  # prune drafts by the measured cost of a verify token (false: verify all)
+    queue_weight: float = 0.5  # a waiting request's share of the batch draft budget (0: queue ignored)
+    kv_reserve: float = 0.05  # fraction of the KV pool kept free for admissions while requests wait
     # OWL drafter (HOWL hybrid)
     drafter_path: str = ""  # OWL checkpoint folder; "" = the shipped one for the model if any, "none" = off
     howl_threshold: float = 2.0  # suffix chain when its score >= threshold, else OWL tree
@@ -63,6 +65,8 @@ class LongSpecConfig:
         check("min_score", 0.0 <= self.min_score <= 1e3, "must be in [0, 1000]")
         check("batch_draft_budget", self.batch_draft_budget >= 0, "must be >= 0")
         check("backoff_steps", 0 <= self.backoff_steps <= 10_000, "must be in [0, 10000]")
+        check("queue_weight", 0.0 <= self.queue_weight <= 1e3, "must be in [0, 1000]")
+        check("kv_reserve", 0.0 <= self.kv_reserve <= 1.0, "must be in [0, 1]")
         check("howl_threshold", 0.0 <= self.howl_threshold <= 1e3, "must be in [0, 1000]")
         check("owl_max_nodes", 1 <= self.owl_max_nodes <= 256, "must be in [1, 256]")
         check("owl_top_k", 1 <= self.owl_top_k <= 64, "must be in [1, 64]")

@@ -33,7 +33,7 @@ from sgl_longspec.config import LongSpecConfig
 from sgl_longspec.draft import Draft
 from sgl_longspec.faults import Faults
 from sgl_longspec.logit_rules import LogitRules, StepRules, grammar_prune
-from sgl_longspec.router import Router, RouterConfig
+from sgl_longspec.router import Load, Router, RouterConfig
 from sgl_longspec.suffix_index import SuffixIndex, SuffixIndexConfig
 from sgl_longspec.verify import VerifyResult, verify_greedy, verify_sampling
 
@@ -244,6 +244,13 @@ class Counters:
     # verify steps of batches with logit rules (penalties, grammars, logit bias; counted by the
     # engine adapter, which applies them)
     rule_steps: int = 0
+    # decode steps on which the load left no draft budget (requests waiting, KV pool nearly
+    # full: see Router.draft_budget), so nothing was drafted or verified
+    saturated_steps: int = 0
+    # decode steps planned while requests waited for admission (the budget then shrinks)
+    queued_steps: int = 0
+    # the last step's load as the engine adapter read it (waiting requests, free KV tokens)
+    last_load: dict = field(default_factory=dict)
     # per draft source: [verified drafts, draft tokens, accepted tokens]
     by_source: dict = field(default_factory=dict)
     # per cause ("index", "suffix_drafter", "owl_drafter", "verify", "release"): failures, and
@@ -285,7 +292,8 @@ class LongSpecController:
         self.router = Router(RouterConfig(
             min_score=cfg.min_score, howl_threshold=cfg.howl_threshold,
             batch_draft_budget=cfg.batch_draft_budget, max_draft_tokens=cfg.max_spec_tokens,
-            backoff_steps=cfg.backoff_steps, cost_aware=cfg.cost_aware))
+            backoff_steps=cfg.backoff_steps, cost_aware=cfg.cost_aware,
+            queue_weight=cfg.queue_weight, kv_reserve=cfg.kv_reserve))
         self.counters = Counters()
         self.faults = faults or Faults("")
         self.breakers = {name: CircuitBreaker() for name in ("suffix_drafter", "owl_drafter")}
@@ -355,8 +363,9 @@ class LongSpecController:
         return self.owl is not None
 
     # ---- the router's step --------------------------------------------------------------------
-    def plan_step(self, views: Sequence[RequestView]) -> StepPlan:
-        """Release departed requests, index new tokens, draft, and let the router decide."""
+    def plan_step(self, views: Sequence[RequestView], load: Optional[Load] = None) -> StepPlan:
+        """Release departed requests, index new tokens, draft, and let the router decide (within
+        the draft budget the server's load leaves, Router.draft_budget)."""
         t0 = time.perf_counter()
         for breaker in self.breakers.values():
             breaker.step()
@@ -373,14 +382,23 @@ class LongSpecController:
                 except Exception:
                     self.fallback("index", [v.rid], f"indexing request {v.rid}")
                     eligible[i] = False
+        step_budget = self.router.draft_budget(bs, load)
+        if load is not None:
+            self.counters.last_load = {"waiting": load.waiting, "kv_free_tokens": load.kv_free_tokens,
+                                       "step_budget": step_budget}
+            self.counters.queued_steps += load.waiting > 0
+        if step_budget <= 0 and bs:
+            self.counters.saturated_steps += 1
+            eligible = [False] * bs  # saturated: no drafter time either
         budgets = [0] * bs
         for i, v in enumerate(views):
             if eligible[i] and self.router.wants_draft(v.rid):
-                budgets[i] = min(self.config.max_spec_tokens, self.window - 1, max(v.remaining - 1, 0))
+                budgets[i] = min(self.config.max_spec_tokens, self.window - 1, max(v.remaining - 1, 0),
+                                 step_budget)
         suffix = self._suffix_drafts(views, budgets)
         model = self._owl_drafts(views, budgets, suffix)
         picked = [self.router.pick(s, m, v.rid) for s, m, v in zip(suffix, model, views)]
-        drafts = self.router.plan_batch([v.rid for v in views], picked)
+        drafts = self.router.plan_batch([v.rid for v in views], picked, budget=step_budget)
         rules = self.step_rules(views, drafts)
         self.counters.draft_ms += 1e3 * (time.perf_counter() - t0)
         return StepPlan(drafts, rules)

@@ -7,7 +7,9 @@ land there the same way. Names follow SGLang's `sglang:` prefix and vLLM's spec-
   sglang:longspec_drafts_total{drafter}            verified drafts
   sglang:longspec_draft_tokens_total{drafter}      draft tokens verified
   sglang:longspec_accepted_tokens_total{drafter}   draft tokens accepted
-  sglang:longspec_steps_total{kind}                decode steps: verify / plain
+  sglang:longspec_steps_total{kind}                decode steps: verify / plain (and, among
+                                                   the plain ones, saturated: the load left no
+                                                   draft budget)
   sglang:longspec_refusals_total{reason}           drafts the router did not verify, by reason
   sglang:longspec_fallbacks_total{cause}           failures that turned requests plain, by cause
 """
@@ -46,6 +48,7 @@ class PrometheusCounters:
                 self._add(metric, ("src", i, source), source, row[i])
         self._add(self._steps, ("steps", "verify"), "verify", counters.verify_steps)
         self._add(self._steps, ("steps", "plain"), "plain", counters.plain_steps)
+        self._add(self._steps, ("steps", "saturated"), "saturated", counters.saturated_steps)
         for reason, n in refusals.items():
             self._add(self._refusals, ("refusal", reason), reason, n)
         for cause, n in counters.fallbacks.items():

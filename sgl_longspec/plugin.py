@@ -45,4 +45,5 @@ def register() -> None:
     attention_backends.register(on_cpu)
     register_cli_hooks()
     request_checks.register()
+    sglang_compat.register_load_hook()
     register_longspec_algorithm()

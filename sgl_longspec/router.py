@@ -13,7 +13,9 @@ worth verifying only when its expected accepted length pays for it. The router t
   drafts do not pay for the verify step and the drafter's own time (chat, for instance) stops
   drafting, and tries again once that evidence has faded;
 - a backoff for requests whose drafts keep failing (plain decoding for a while, doubling up to a
-  cap), and a draft-token budget for the whole batch, filled best value first.
+  cap), and a draft-token budget for the whole batch, filled best value first, which the server's
+  load (requests waiting for admission, KV headroom: Load, draft_budget) shrinks down to nothing
+  on a saturated server.
 
 A step verifies drafts only when the batch's expected tokens per second beat plain decoding's, so
 a request for which speculation does not pay stops paying for it.
@@ -41,6 +43,21 @@ class RouterConfig:
     backoff_steps: int = 8  # cap of the plain-decode pause after rejected drafts
     cost_aware: bool = True  # prune drafts with the step cost model (False: verify every draft)
     calibration_prior: float = 2.0  # pseudo-tokens of "drafts are right" before a request's history
+    # Load (see Load): each waiting request counts as this fraction of a running one when the
+    # batch budget is shared out, and with requests waiting this fraction of the KV pool stays
+    # free for their admission.
+    queue_weight: float = 0.5
+    kv_reserve: float = 0.05
+
+
+@dataclass(frozen=True)
+class Load:
+    """What the server carries besides the running batch, as the engine adapter reads it before
+    each decode step. None: unknown (no load limit from it)."""
+
+    waiting: int = 0  # requests queued for admission
+    kv_free_tokens: Optional[int] = None  # KV slots free or evictable from the prefix cache
+    kv_total_tokens: Optional[int] = None  # the KV pool's size
 
 
 class StepCostModel:
@@ -236,10 +253,34 @@ class Router:
             return max(candidates, key=lambda d: d.score)
         return max(candidates, key=lambda d: d.score * self.calibration(req_id, d.source))
 
-    def plan_batch(self, req_ids: Sequence[Hashable], drafts: Sequence[Draft]) -> list[Draft]:
+    def draft_budget(self, batch_size: int, load: Optional[Load] = None) -> int:
+        """Draft tokens this step may verify in all, given the load.
+
+        Requests waiting mean the server is at its concurrency limit: what counts then is the
+        throughput of everyone, queued requests included, so the budget is shared out as if each
+        waiting request were `queue_weight` of a running one (16 running, 48 waiting: 40% of it).
+        The KV pool bounds it too: accepted tokens grow the cache faster than plain decoding, and
+        with the pool nearly full and requests waiting that growth forces SGLang to retract
+        running requests (which redo their prefill later), so `kv_reserve` of the pool stays free
+        for admissions. 0 = saturated: verify nothing (and draft nothing)."""
+        cfg = self.config
+        budget = cfg.batch_draft_budget
+        if load is None or batch_size <= 0:
+            return budget
+        waiting = max(0, int(load.waiting))
+        if waiting:
+            budget = int(budget * batch_size / (batch_size + cfg.queue_weight * waiting))
+        if load.kv_free_tokens is not None:
+            reserve = int(cfg.kv_reserve * (load.kv_total_tokens or 0)) if waiting else 0
+            budget = min(budget, max(0, int(load.kv_free_tokens) - reserve))
+        return max(0, budget)
+
+    def plan_batch(self, req_ids: Sequence[Hashable], drafts: Sequence[Draft],
+                   budget: Optional[int] = None) -> list[Draft]:
         """Choose what to verify this step: prune each draft to the tokens that pay for their cost,
-        fill the batch budget best value per token first, and verify nothing at all when the step
-        as a whole would be slower than plain decoding."""
+        fill the batch budget (`budget`, default the configured one; see draft_budget) best value
+        per token first, and verify nothing at all when the step as a whole would be slower than
+        plain decoding."""
         cfg = self.config
         bs = len(drafts)
         theta = self.cost.token_threshold(bs) if cfg.cost_aware else 0.0
@@ -259,7 +300,7 @@ class Router:
                 refused[i] = True
                 self.refusals["unprofitable"] += 1
         order = sorted((i for i in range(bs) if len(out[i])), key=lambda i: -values[i] / len(out[i]))
-        budget = cfg.batch_draft_budget
+        budget = cfg.batch_draft_budget if budget is None else budget
         for i in order:
             d = out[i]
             if budget <= 0:

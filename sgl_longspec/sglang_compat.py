@@ -145,3 +145,42 @@ def hook(target: str, fn, kind: str) -> None:
 ADD_CLI_ARGS = "sglang.srt.server_args.ServerArgs.add_cli_args"
 FROM_CLI_ARGS = "sglang.srt.server_args.ServerArgs.from_cli_args"
 VALIDATE_REQUEST = "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request"
+
+
+# ---- the server's load, for the router (Router.draft_budget) ------------------------------
+# SGLang gives a speculative worker the running batch, not the scheduler: the number of requests
+# waiting for admission is read by a BEFORE hook on the scheduler's per-iteration batch choice
+# (in the scheduler process, the worker's own), the KV headroom from the batch's own pool.
+NEXT_BATCH = "sglang.srt.managers.scheduler.Scheduler.get_next_batch_to_run"
+_waiting = [0]
+
+
+def _record_waiting(scheduler, *args, **kwargs):
+    _waiting[0] = len(getattr(scheduler, "waiting_queue", None) or ())
+    return None  # the arguments unchanged
+
+
+def register_load_hook() -> None:
+    hook(NEXT_BATCH, _record_waiting, "BEFORE")
+
+
+def waiting_requests() -> int:
+    """Requests in the scheduler's waiting queue at the start of this scheduling iteration."""
+    return _waiting[0]
+
+
+def kv_headroom(batch) -> tuple[int | None, int | None]:
+    """(KV slots free or evictable from the radix cache, the pool's size) of a ScheduleBatch;
+    (None, None) where the batch does not say."""
+    alloc = getattr(batch, "token_to_kv_pool_allocator", None)
+    try:
+        free = int(alloc.available_size())
+        total = int(alloc.size)
+    except Exception:  # noqa: BLE001 - an allocator without these: no KV limit from it
+        return None, None
+    cache = getattr(batch, "tree_cache", None)
+    try:
+        free += int(cache.evictable_size())
+    except Exception:  # noqa: BLE001 - no prefix cache (--disable-radix-cache): nothing evictable
+        pass
+    return free, total

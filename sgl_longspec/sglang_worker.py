@@ -39,6 +39,7 @@ from sgl_longspec.controller import (LongSpecController, RequestView, SamplingPa
 from sgl_longspec.draft import Draft
 from sgl_longspec.faults import Faults
 from sgl_longspec.logit_rules import LogitRules, Penalties
+from sgl_longspec.router import Load
 from sgl_longspec.verify import seeded_uniforms, verify_sampling
 from sgl_longspec.tp_sync import RankZeroDecisions, tp_group
 
@@ -275,11 +276,16 @@ class LongSpecWorker(sglang_compat.name("BaseSpecWorker")):
         if _batch_needs_engine_sampler(batch):
             views = [dataclasses.replace(v, plain_only=True, rules=None) for v in views]
         if self.tp.decides:
-            plan = self.controller.plan_step(views)
+            plan = self.controller.plan_step(views, self._load(batch))
             self.tp.share_drafts(plan.drafts)
             return plan
         drafts = self.tp.share_drafts(None)
         return StepPlan(drafts, self.controller.step_rules(views, drafts, check_faults=False))
+
+    @staticmethod
+    def _load(batch) -> Load:
+        free, total = sglang_compat.kv_headroom(batch)
+        return Load(waiting=sglang_compat.waiting_requests(), kv_free_tokens=free, kv_total_tokens=total)
 
     # ---- the step -----------------------------------------------------------------------------
     def forward_batch_generation(self, batch, on_publish=None, pp_proxy_tensors=None):

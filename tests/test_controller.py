@@ -11,12 +11,15 @@ exactly the stream, whatever was drafted; the counters must show that the paths 
 from __future__ import annotations
 
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import pytest
 import torch
 
 from sgl_longspec.config import LongSpecConfig
 from sgl_longspec.controller import LongSpecController, RequestView, SamplingParams, verify_layout
 from sgl_longspec.draft import Draft
+from sgl_longspec.router import Load, Router, RouterConfig
 
 VOCAB = 64
 
@@ -44,9 +47,10 @@ class FakeRequest:
                            plain_only, handle=self)
 
 
-def run_step(ctl: LongSpecController, reqs: list[FakeRequest], plain_only=False):
-    """One decode step as the SGLang adapter runs it; returns the plan's drafts."""
-    plan = ctl.plan_step([r.view(plain_only) for r in reqs])
+def run_step(ctl: LongSpecController, reqs: list[FakeRequest], plain_only=False, load=None):
+    """One decode step as the SGLang adapter runs it (`load`: the server's, as the adapter reads
+    it); returns the plan's drafts."""
+    plan = ctl.plan_step([r.view(plain_only) for r in reqs], load)
     if not plan.verify:
         for r in reqs:
             r.output.append(target_next(r.stream, r.prompt + r.output))
@@ -207,6 +211,68 @@ def test_budget_never_exceeds_window_or_remaining_tokens():
         drafts = run_step(ctl, [r])
         assert all(len(d) <= min(7, max(remaining - 1, 0)) for d in drafts)
     assert r.output == r.stream[len(r.prompt):]
+
+
+def test_draft_budget_follows_the_queue_and_the_kv_headroom():
+    r = Router(RouterConfig(batch_draft_budget=64))
+    assert r.draft_budget(16) == r.draft_budget(16, Load()) == 64
+    assert r.draft_budget(16, Load(waiting=16)) == 42  # 64 * 16 / (16 + 0.5 * 16)
+    assert r.draft_budget(16, Load(waiting=48)) == 25
+    # KV: no queue, no reserve; with a queue 5% of the pool stays free for admissions
+    assert r.draft_budget(16, Load(kv_free_tokens=30, kv_total_tokens=10_000)) == 30
+    assert r.draft_budget(16, Load(waiting=1, kv_free_tokens=540, kv_total_tokens=10_000)) == 40
+    assert r.draft_budget(16, Load(waiting=1, kv_free_tokens=450, kv_total_tokens=10_000)) == 0
+    assert Router(RouterConfig(queue_weight=0.0)).draft_budget(16, Load(waiting=1000)) == 64
+
+
+@settings(max_examples=200, deadline=None)
+@given(bs=st.integers(1, 64), waiting=st.integers(0, 500), more=st.integers(1, 100),
+       free=st.integers(0, 20_000), extra=st.integers(1, 5000), budget=st.integers(0, 256))
+def test_draft_budget_is_monotone_in_the_load(bs, waiting, more, free, extra, budget):
+    r = Router(RouterConfig(batch_draft_budget=budget))
+    base = r.draft_budget(bs, Load(waiting, free, 20_000))
+    assert 0 <= base <= budget
+    assert r.draft_budget(bs, Load(waiting + more, free, 20_000)) <= base  # a longer queue: never more
+    assert r.draft_budget(bs, Load(waiting, free + extra, 20_000)) >= base  # more free KV: never less
+
+
+def test_a_saturated_server_drafts_and_verifies_nothing_and_stays_exact():
+    ctl = controller()
+    reqs = [FakeRequest(f"r{i}", *repetitive(i, 5 + i, 4, 30)) for i in range(4)]
+    full = Load(waiting=12, kv_free_tokens=100, kv_total_tokens=10_000)  # below the 5% reserve
+    live = list(reqs)
+    steps = 0
+    while live:
+        assert not any(len(d) for d in run_step(ctl, live, load=full))
+        steps += 1
+        live = [r for r in live if not r.done]
+    for r in reqs:
+        assert r.output == r.stream[len(r.prompt):], r.rid
+    c = ctl.counters
+    assert c.saturated_steps == steps and c.verify_steps == 0 and c.drafted == 0
+    assert c.last_load == {"waiting": 12, "kv_free_tokens": 100, "step_budget": 0}
+    # The load eases: the same kind of traffic speculates again.
+    more = [FakeRequest(f"s{i}", *repetitive(10 + i, 5, 4, 30)) for i in range(2)]
+    run_to_completion(ctl, more)
+    assert ctl.counters.verify_steps > 0 and ctl.counters.saturated_steps == steps
+
+
+def test_a_queue_shrinks_what_a_step_verifies():
+    queued = Load(waiting=24, kv_free_tokens=50_000, kv_total_tokens=100_000)
+    totals = {}
+    for name, load in (("idle", None), ("queued", queued)):
+        ctl = controller()
+        reqs = [FakeRequest(f"r{i}", *repetitive(i, 6, 5, 40)) for i in range(4)]
+        live, most = list(reqs), 0
+        while live:
+            most = max(most, sum(len(d) for d in run_step(ctl, live, load=load)))
+            live = [r for r in live if not r.done]
+        assert all(r.output == r.stream[len(r.prompt):] for r in reqs)
+        totals[name] = (most, ctl.counters.verify_steps)
+    budget = ctl.router.draft_budget(4, queued)
+    assert budget == 64 * 4 // (4 + 12)
+    assert totals["queued"][0] <= budget < totals["idle"][0], totals
+    assert totals["queued"][1] > 0  # still speculating, within the smaller budget
 
 
 def test_sampling_verify_accepts_a_certain_draft():

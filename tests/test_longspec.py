@@ -767,13 +767,14 @@ def test_sampling_seed_makes_speculative_sampling_reproducible(longspec):
 
 @pytest.mark.server
 def test_concurrent_requests_identical(server_pool, plain_outputs, tmp_path):
-    """8 requests in flight at once (one batch, ragged drafts) give the single-request outputs,
-    and batched verify steps (two or more requests verifying drafts in one forward) really ran.
+    """8 requests in flight at once, 4 running and the rest queued (ragged drafts, the draft
+    budget shrunk by the queue the scheduler hook reports) give the single-request outputs, and
+    batched verify steps (two or more requests verifying drafts in one forward) really ran.
     Its own server with the cost-aware router off: on two busy cores the router may rightly
     measure that verifying a batch does not pay and refuse every draft, which would leave the
     batched verify path unseen (the router's refusals have their own tests)."""
     stats_file = tmp_path / "concurrent_stats.json"
-    srv = server_pool.get(LONGSPEC_ARGS + ("--longspec-cost-aware", "false"),
+    srv = server_pool.get(LONGSPEC_ARGS + ("--longspec-cost-aware", "false", "--max-running-requests", "4"),
                           env={"LONGSPEC_STATS_FILE": str(stats_file)})
     plain = plain_outputs["single"]
     idx = list(range(8))
@@ -788,6 +789,7 @@ def test_concurrent_requests_identical(server_pool, plain_outputs, tmp_path):
     stats = read_stats(stats_file)
     assert stats["batched_verify_steps"] > 0, stats
     assert stats["max_verify_batch"] >= 2 and not stats["fallbacks"], stats
+    assert stats["queued_steps"] > 0 and stats["saturated_steps"] == 0, stats  # the queue was seen
 
 
 @pytest.mark.server

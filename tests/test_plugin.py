@@ -198,3 +198,29 @@ def test_single_rank_sends_nothing():
     tp = RankZeroDecisions(None)
     d = [Draft.chain([1, 2])]
     assert tp.decides and tp.share_drafts(d)[0].token_ids.tolist() == [1, 2] and tp.broadcasts == 0
+
+
+def test_load_readers_on_sglang_shaped_objects():
+    """The two readers behind the router's Load: the scheduler hook's waiting count, and the
+    batch's KV headroom (free + evictable), tolerant of objects that lack them."""
+    sched = types.SimpleNamespace(waiting_queue=[object()] * 5)
+    assert sglang_compat._record_waiting(sched, None, None) is None  # arguments left unchanged
+    assert sglang_compat.waiting_requests() == 5
+    sglang_compat._record_waiting(types.SimpleNamespace(waiting_queue=[]))
+    assert sglang_compat.waiting_requests() == 0
+    alloc = types.SimpleNamespace(available_size=lambda: 700, size=4096)
+    batch = types.SimpleNamespace(token_to_kv_pool_allocator=alloc,
+                                  tree_cache=types.SimpleNamespace(evictable_size=lambda: 300))
+    assert sglang_compat.kv_headroom(batch) == (1000, 4096)
+    assert sglang_compat.kv_headroom(types.SimpleNamespace(token_to_kv_pool_allocator=alloc,
+                                                           tree_cache=None)) == (700, 4096)
+    assert sglang_compat.kv_headroom(types.SimpleNamespace()) == (None, None)
+
+
+def test_the_load_hook_targets_a_real_scheduler_method():
+    import importlib
+    import inspect
+
+    module, cls, meth = sglang_compat.NEXT_BATCH.rsplit(".", 2)
+    fn = getattr(getattr(importlib.import_module(module), cls), meth)
+    assert list(inspect.signature(fn).parameters)[0] == "self"
