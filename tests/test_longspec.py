@@ -946,3 +946,66 @@ def test_data_parallel_two_replicas_behind_an_api_key(server_pool, plain_outputs
     accepted = [sum(o["meta_info"]["longspec"][0]["accepted"].values()) for o in outs]
     assert sum(a > 0 for a in accepted) >= 4, accepted
     assert srv.log_path.read_text(errors="replace").count("LONGSPEC worker: window=") == 2
+
+
+@pytest.mark.server
+def test_two_replicas_behind_sglangs_model_gateway(server_pool, plain_outputs, tmp_path):
+    """SGLang's model gateway (sglang-router, cache-aware policy) in front of two LONGSPEC servers,
+    each with its own suffix index: a multi-turn session keeps reaching the replica that holds its
+    prefix (radix-cache hits on the later turns), drafts are accepted there, and every turn equals
+    plain decoding's. What is shared: nothing but the gateway's routing tree; each replica's
+    suffix state stays its own."""
+    pytest.importorskip("sglang_router")
+    import os
+    import signal
+
+    import requests
+
+    from conftest import HOST, ServerHandle, free_port
+    from sgl_longspec.cli import start_server, stop_server, wait_healthy
+
+    server_pool.stop_all()  # room for this test's own two servers
+    procs, urls, stats = [], [], [tmp_path / f"replica{k}.json" for k in range(2)]
+    router = None
+    try:
+        for k in range(2):
+            port = free_port()
+            os.environ["LONGSPEC_STATS_FILE"] = str(stats[k])
+            try:
+                p, _ = start_server(None, HOST, port, list(LONGSPEC_ARGS) + ["--max-total-tokens", "8192"],
+                                    log_file=open(tmp_path / f"replica{k}.log", "wb"))
+            finally:
+                del os.environ["LONGSPEC_STATS_FILE"]
+            procs.append(p)
+            urls.append(f"http://{HOST}:{port}")
+        for u, p in zip(urls, procs):
+            wait_healthy(u, p, 900)
+        rport = free_port()
+        router = subprocess.Popen(
+            [sys.executable, "-m", "sglang_router.launch_router", "--host", HOST, "--port", str(rport),
+             "--worker-urls", *urls, "--policy", "cache_aware", "--log-level", "warn"],
+            stdout=open(tmp_path / "router.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+        base = f"http://{HOST}:{rport}"
+        deadline = time.time() + 180
+        while True:  # the gateway answers before it has registered its workers
+            try:
+                if requests.get(base + "/workers", timeout=5).json().get("total") == 2:
+                    break
+            except (requests.RequestException, ValueError):
+                pass
+            assert time.time() < deadline and router.poll() is None, (tmp_path / "router.log").read_text()
+            time.sleep(1.0)
+        gateway = ServerHandle(base, router, tmp_path / "router.log", (), rport, "")
+        outs, cached = run_multi_turn(gateway)
+        assert outs == plain_outputs["multi_turn"]
+        assert cached[1] > 0 and cached[2] > 0, cached  # the session stayed on its replica
+        per_replica = [json.loads(s.read_text()) if s.exists() else {} for s in stats]
+        accepted = [st.get("accepted", 0) for st in per_replica]
+        assert max(accepted) > 0, per_replica
+        assert not any(st.get("fallbacks") for st in per_replica), per_replica
+    finally:
+        if router is not None and router.poll() is None:
+            os.killpg(router.pid, signal.SIGTERM)
+            router.wait(30)
+        for p in procs:
+            stop_server(p)
