@@ -388,10 +388,7 @@ def main(argv=None) -> int:
         report = json.loads((args.out / "report.json").read_text())
         report["checks"] = verdict(report, args.rss_tolerance)
         (args.out / "report.json").write_text(json.dumps(report, indent=1, default=str))
-        (args.out / "report.md").write_text(markdown(report))
-        plot(report["samples"], report["marks"], args.out / "memory.png")
-        print((args.out / "report.md").read_text())
-        return 0 if all(report["checks"].values()) else 1
+        return write_report(report, args.out)
     try:  # the plot is drawn at the very end: fail before the run, not after it
         import matplotlib  # noqa: F401
     except ImportError:
@@ -499,8 +496,13 @@ def main(argv=None) -> int:
         (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
     (out / "requests.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "text"}) + "\n"
                                                 for r in records))
+    return write_report(report, out)
+
+
+def write_report(report: dict, out: Path) -> int:
+    """report.md and memory.png from a finished report; the exit status (0: every check passed)."""
     (out / "report.md").write_text(markdown(report))
-    plot(samples, marks, out / "memory.png")
+    plot(report["samples"], report["marks"], out / "memory.png")
     print((out / "report.md").read_text())
     return 0 if all(report["checks"].values()) else 1
 

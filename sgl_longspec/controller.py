@@ -388,8 +388,10 @@ class LongSpecController:
                                        "step_budget": step_budget}
             self.counters.queued_steps += load.waiting > 0
         if step_budget <= 0 and bs:
-            self.counters.saturated_steps += 1
-            eligible = [False] * bs  # saturated: no drafter time either
+            # Nothing can be verified: no drafter time either. Saturated = the load did it (not
+            # a configured --longspec-batch-draft-budget of 0).
+            self.counters.saturated_steps += self.config.batch_draft_budget > 0
+            eligible = [False] * bs
         budgets = [0] * bs
         for i, v in enumerate(views):
             if eligible[i] and self.router.wants_draft(v.rid):
