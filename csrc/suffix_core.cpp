@@ -900,19 +900,8 @@ class Core {
   py::tuple speculate(i32 h, i32 max_spec_tokens, double factor, double offset, double min_prob,
                       bool use_tree, i32 max_tree_nodes, bool use_global) {
     Request& r = req(h);
-    if (max_spec_tokens < 0 || max_spec_tokens > 65536)
-      throw std::invalid_argument("max_spec_tokens must be in [0, 65536], got " +
-                                  std::to_string(max_spec_tokens));
-    if (max_tree_nodes < 0 || max_tree_nodes > 65536)
-      throw std::invalid_argument("max_tree_nodes must be in [0, 65536], got " +
-                                  std::to_string(max_tree_nodes));
-    if (!std::isfinite(factor) || factor < 0.0 || factor > 1e6)
-      throw std::invalid_argument("spec_factor must be finite and in [0, 1e6]");
-    if (!std::isfinite(offset) || std::fabs(offset) > 1e6)
-      throw std::invalid_argument("spec_offset must be finite and in [-1e6, 1e6]");
-    if (!(min_prob >= 0.0 && min_prob <= 1.0))
-      throw std::invalid_argument("min_token_prob must be in [0, 1]");
-    SpecParams sp{max_spec_tokens, factor, offset, min_prob, use_tree, max_tree_nodes};
+    const SpecParams sp = spec_params(max_spec_tokens, factor, offset, min_prob, use_tree,
+                                      max_tree_nodes);
     best_.clear();
     best_m_ = 0;
     best_tree_ = -1;
@@ -927,17 +916,57 @@ class Core {
     }
     if (use_global && global_.num_seqs() > 0) {
       const Seq& q = rt.seq(0);
-      const i32 n = q.len;
-      const i32 Mmax = std::min(n, D_);
-      const i32* ctx = q.tok.data() + n;
-      loci_.clear();
-      for (i32 m = 1; m <= Mmax; ++m) {
-        const i32 v = global_.match(ctx - m, m);
-        if (v == NIL) break;
-        loci_.push_back(v);
-      }
-      for (i32 m = i32(loci_.size()); m >= 1; --m) consider(global_, loci_[m - 1], m, sp, 1, false);
+      consider_global(q.tok.data() + q.len, q.len, sp);
     }
+    return best_tuple();
+  }
+
+  // Draft a continuation of `context` (its last max_depth tokens are enough) from the global tree
+  // alone: a corpus kept in its own Core has no request of its own.
+  py::tuple speculate_context(py::handle context, i32 max_spec_tokens, double factor,
+                              double offset, double min_prob, bool use_tree, i32 max_tree_nodes) {
+    const SpecParams sp = spec_params(max_spec_tokens, factor, offset, min_prob, use_tree,
+                                      max_tree_nodes);
+    read_tokens(context, ctx_buf_, "context");
+    best_.clear();
+    best_m_ = 0;
+    best_tree_ = -1;
+    if (global_.num_seqs() > 0 && !ctx_buf_.empty())
+      consider_global(ctx_buf_.data() + ctx_buf_.size(), i32(ctx_buf_.size()), sp);
+    return best_tuple();
+  }
+
+ private:
+  SpecParams spec_params(i32 max_spec_tokens, double factor, double offset, double min_prob,
+                         bool use_tree, i32 max_tree_nodes) const {
+    if (max_spec_tokens < 0 || max_spec_tokens > 65536)
+      throw std::invalid_argument("max_spec_tokens must be in [0, 65536], got " +
+                                  std::to_string(max_spec_tokens));
+    if (max_tree_nodes < 0 || max_tree_nodes > 65536)
+      throw std::invalid_argument("max_tree_nodes must be in [0, 65536], got " +
+                                  std::to_string(max_tree_nodes));
+    if (!std::isfinite(factor) || factor < 0.0 || factor > 1e6)
+      throw std::invalid_argument("spec_factor must be finite and in [0, 1e6]");
+    if (!std::isfinite(offset) || std::fabs(offset) > 1e6)
+      throw std::invalid_argument("spec_offset must be finite and in [-1e6, 1e6]");
+    if (!(min_prob >= 0.0 && min_prob <= 1.0))
+      throw std::invalid_argument("min_token_prob must be in [0, 1]");
+    return SpecParams{max_spec_tokens, factor, offset, min_prob, use_tree, max_tree_nodes};
+  }
+
+  // ctx_end - n .. ctx_end: the context; its suffixes are matched from the global tree's root.
+  void consider_global(const i32* ctx_end, i32 n, const SpecParams& sp) {
+    const i32 Mmax = std::min(n, D_);
+    loci_.clear();
+    for (i32 m = 1; m <= Mmax; ++m) {
+      const i32 v = global_.match(ctx_end - m, m);
+      if (v == NIL) break;
+      loci_.push_back(v);
+    }
+    for (i32 m = i32(loci_.size()); m >= 1; --m) consider(global_, loci_[m - 1], m, sp, 1, false);
+  }
+
+  py::tuple best_tuple() {
     const py::ssize_t k = py::ssize_t(best_.size());
     if (!dt_i64_) {
       dt_i64_ = py::dtype::of<i64>();
@@ -958,6 +987,8 @@ class Core {
     return py::make_tuple(tok, par, prob, best_.score, k ? best_m_ : 0, k ? best_tree_ : -1,
                           ref_seq);
   }
+
+ public:
 
   // ---------------------------------------------------------------- stats / debug
   size_t memory_bytes() const {
@@ -1125,6 +1156,7 @@ class Core {
   i64 global_tokens_ = 0;
   std::vector<i32> tmp_;
   std::vector<i32> loci_;
+  std::vector<i32> ctx_buf_;  // speculate_context's copy of the context
   DraftBuf best_, cand_;
   py::dtype dt_i64_, dt_i32_, dt_f32_;
   i32 best_m_ = 0;
@@ -1149,6 +1181,7 @@ PYBIND11_MODULE(_suffix_core, m) {
       .def("global_insert", &lsx::Core::global_insert)
       .def("global_remove", &lsx::Core::global_remove)
       .def("speculate", &lsx::Core::speculate)
+      .def("speculate_context", &lsx::Core::speculate_context)
       .def("memory_bytes", &lsx::Core::memory_bytes)
       .def("allocated_bytes", &lsx::Core::allocated_bytes)
       .def("global_bytes", &lsx::Core::global_bytes)

@@ -33,6 +33,8 @@ class LongSpecConfig:
     use_tree: bool = False  # tree drafts (siblings) instead of chains
     global_cache_requests: int = 4096  # past outputs kept in the global tree (FIFO)
     global_cache_mb: int = 512  # and the memory they may take
+    corpus: str = ""  # external corpus indexed at start: files or folders, comma-separated
+    corpus_mb: int = 256  # index memory of the external corpus (oldest text evicted first)
     # Router
     min_score: float = 0.0  # (calibrated) expected accepted tokens below which a draft is not verified
     batch_draft_budget: int = 64  # draft tokens per verify step over the whole batch
@@ -62,6 +64,9 @@ class LongSpecConfig:
         check("max_depth", 1 <= self.max_depth <= 4096, "must be in [1, 4096]")
         check("global_cache_requests", self.global_cache_requests >= 0, "must be >= 0")
         check("global_cache_mb", self.global_cache_mb >= 0, "must be >= 0")
+        check("corpus_mb", self.corpus_mb >= 0, "must be >= 0")
+        for path in self.corpus_paths():
+            check("corpus", os.path.exists(path), f"no such file or folder: {path}")
         check("min_score", 0.0 <= self.min_score <= 1e3, "must be in [0, 1000]")
         check("batch_draft_budget", self.batch_draft_budget >= 0, "must be >= 0")
         check("backoff_steps", 0 <= self.backoff_steps <= 10_000, "must be in [0, 10000]")
@@ -80,6 +85,9 @@ class LongSpecConfig:
                 check_checkpoint_files(self.drafter_path)
             except ValueError as e:
                 raise ValueError(f"--longspec-drafter-path: {e}") from None
+
+    def corpus_paths(self) -> list[str]:
+        return [p.strip() for p in self.corpus.split(",") if p.strip()]
 
     # ---- transport -------------------------------------------------------------------------
     def to_env(self) -> None:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from sgl_longspec.config import LongSpecConfig
+from sgl_longspec.corpus import SuffixCorpus
 from sgl_longspec.draft import Draft
 from sgl_longspec.faults import Faults
 from sgl_longspec.logit_rules import LogitRules, StepRules, grammar_prune
@@ -288,6 +289,11 @@ class LongSpecController:
             min_token_prob=cfg.min_token_prob, use_tree=cfg.use_tree,
             max_tree_nodes=cfg.max_spec_tokens))
         self.suffix = SuffixDrafter(self.index)
+        # The external corpus (--longspec-corpus, POST /add_external_corpus): consulted beside the
+        # request's and the global tree; its drafts are source "corpus" to the router.
+        self.corpus = SuffixCorpus(
+            cfg.corpus_mb << 20, max_depth=cfg.max_depth, max_spec_tokens=cfg.max_spec_tokens,
+            min_token_prob=cfg.min_token_prob, spec_factor=cfg.spec_factor, spec_offset=cfg.spec_offset)
         self.owl = OwlDrafter(owl_model, cfg.owl_top_k, cfg.owl_max_nodes) if owl_model else None
         self.router = Router(RouterConfig(
             min_score=cfg.min_score, howl_threshold=cfg.howl_threshold,
@@ -438,6 +444,10 @@ class LongSpecController:
                 try:
                     self.faults.check("suffix_drafter")
                     d = self.suffix.propose([DraftRequest(v.rid, v.output[-1], budgets[i])])[0]
+                    if len(self.corpus) and self.router.wants_draft(v.rid, "corpus"):
+                        c = self.corpus.speculate(_tail(v, self.corpus.max_depth), budgets[i],
+                                                  use_tree=self.config.use_tree)
+                        d = self.router.better(d, c, v.rid)
                     out[i] = self._checked(d, budgets[i])
                 except Exception:
                     self.fallback("suffix_drafter", [v.rid], f"suffix draft for {v.rid}")
@@ -550,6 +560,8 @@ class LongSpecController:
             "cached_response_ids": [str(r) for _, r in idx.cached_responses()],
             "index_memory_bytes": idx.memory_bytes(),
             "index_global_bytes": idx.global_memory_bytes(),  # past outputs (bounded, FIFO)
+            "corpus_tokens": self.corpus.token_counts(),  # external corpus (bounded, FIFO)
+            "corpus_bytes": self.corpus.memory_bytes(),
             "tracked_requests": len(self._prev),
             "router_records": len(self.router),
             "hidden_states": len(self.owl.hidden) if self.owl is not None else 0,
@@ -560,6 +572,14 @@ class LongSpecController:
             "breakers_open": sorted(k for k, b in self.breakers.items() if not b.closed),
             **self.counters.as_dict(),
         }
+
+
+def _tail(view: RequestView, n: int) -> list:
+    """The request's last n tokens (prompt + output) without copying the whole context."""
+    out = view.output
+    if len(out) >= n:
+        return list(out[len(out) - n:])
+    return list(view.prompt[max(len(view.prompt) - (n - len(out)), 0):]) + list(out)
 
 
 def verify_layout(drafts: Sequence[Draft], seq_lens: Sequence[int], roots: Sequence[int]):

@@ -253,6 +253,15 @@ class Router:
             return max(candidates, key=lambda d: d.score)
         return max(candidates, key=lambda d: d.score * self.calibration(req_id, d.source))
 
+    def better(self, a: Draft, b: Draft, req_id: Hashable) -> Draft:
+        """The draft with the larger calibrated score (ties: a); empty drafts lose."""
+        if not len(b):
+            return a
+        if not len(a):
+            return b
+        return b if (b.score * self.calibration(req_id, b.source)
+                     > a.score * self.calibration(req_id, a.source)) else a
+
     def draft_budget(self, batch_size: int, load: Optional[Load] = None) -> int:
         """Draft tokens this step may verify in all, given the load.
 

@@ -93,6 +93,12 @@ _NAMES = {
     "add_attention_backend_choices": "sglang.srt.server_args",
     "HookRegistry": "sglang.srt.plugins.hook_registry",
     "HookType": "sglang.srt.plugins.hook_registry",
+    # The external-corpus messages between the tokenizer manager and the schedulers.
+    "AddExternalCorpusReqOutput": "sglang.srt.managers.io_struct",
+    "RemoveExternalCorpusReqInput": "sglang.srt.managers.io_struct",
+    "RemoveExternalCorpusReqOutput": "sglang.srt.managers.io_struct",
+    "ListExternalCorporaReqInput": "sglang.srt.managers.io_struct",
+    "ListExternalCorporaReqOutput": "sglang.srt.managers.io_struct",
 }
 
 
@@ -145,6 +151,11 @@ def hook(target: str, fn, kind: str) -> None:
 ADD_CLI_ARGS = "sglang.srt.server_args.ServerArgs.add_cli_args"
 FROM_CLI_ARGS = "sglang.srt.server_args.ServerArgs.from_cli_args"
 VALIDATE_REQUEST = "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request"
+# The external-corpus calls (sgl_longspec.corpus_endpoints): TokenizerManager.<call> on the HTTP
+# side, Scheduler.<call> where the worker and its corpus live.
+CORPUS_CALLS = ("add_external_corpus", "remove_external_corpus", "list_external_corpora")
+TOKENIZER_MANAGER = "sglang.srt.managers.tokenizer_manager.TokenizerManager"
+SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
 
 
 # ---- the server's load, for the router (Router.draft_budget) ------------------------------

@@ -179,6 +179,8 @@ class LongSpecWorker(sglang_compat.name("BaseSpecWorker")):
         self.controller = LongSpecController(
             self.config, self.window, owl_model=drafter, finished_ok=_finished_ok,
             faults=Faults(), vocab_size=int(self.model_runner.model_config.vocab_size))
+        if self.tp.decides and self.config.corpus_paths():
+            self._load_corpus(target_worker)
         # Optional JSON snapshot of the worker's state after every decode step (tests, debugging).
         self.stats_file = os.environ.get("LONGSPEC_STATS_FILE") or None
         self.prometheus = None
@@ -215,6 +217,54 @@ class LongSpecWorker(sglang_compat.name("BaseSpecWorker")):
             return None
         logger.info("LONGSPEC: OWL drafter %s (%d parameters of its own)", path, drafter.num_parameters())
         return drafter
+
+    # ---- the external corpus (sgl_longspec.corpus_endpoints routes SGLang's endpoints here) ----
+    serves_external_corpus = True
+
+    def _load_corpus(self, target_worker) -> None:
+        """--longspec-corpus: index the files under the given paths, tokenized by the server's
+        tokenizer, as corpus "startup" (a path that vanished since the launch stops the start)."""
+        from sgl_longspec.corpus import load_paths
+
+        tok = getattr(target_worker, "tokenizer", None)
+        if tok is None:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(self.server_args.tokenizer_path or self.server_args.model_path)
+        t0 = time.perf_counter()
+        files, tokens = load_paths(self.controller.corpus, self.config.corpus_paths(),
+                                   lambda text: tok.encode(text, add_special_tokens=False))
+        logger.info("LONGSPEC corpus: %d files, %d tokens indexed in %.1f s (%d KiB of %d MiB)",
+                    files, tokens, time.perf_counter() - t0,
+                    self.controller.corpus.memory_bytes() >> 10, self.config.corpus_mb)
+
+    def add_external_corpus(self, req):
+        out = sglang_compat.name("AddExternalCorpusReqOutput")
+        if not self.tp.decides:  # only the deciding rank drafts; its reply is the one returned
+            return out(success=True, corpus_id=req.corpus_id)
+        corpus = self.controller.corpus
+        try:
+            n = corpus.add(req.corpus_id, req.token_chunks or [])
+        except ValueError as e:
+            return out(success=False, message=f"LONGSPEC corpus: {e}")
+        kept = corpus.token_counts().get(req.corpus_id, 0)
+        message = f"indexed {n} tokens"
+        if kept < n:
+            message += (f"; {n - kept} of them already evicted: the corpus holds "
+                        f"--longspec-corpus-mb {self.config.corpus_mb} MiB of index")
+        return out(success=True, corpus_id=req.corpus_id, message=message, loaded_token_count=n)
+
+    def remove_external_corpus(self, req):
+        out = sglang_compat.name("RemoveExternalCorpusReqOutput")
+        if not self.tp.decides:
+            return out(success=True)
+        if self.controller.corpus.remove(req.corpus_id):
+            return out(success=True, message=f"removed corpus {req.corpus_id}")
+        return out(success=False, message=f"no corpus with id {req.corpus_id!r}")
+
+    def list_external_corpora(self, req):
+        counts = self.controller.corpus.token_counts() if self.tp.decides else {}
+        return sglang_compat.name("ListExternalCorporaReqOutput")(success=True, corpus_token_counts=counts)
 
     def _capture_mode(self, full: bool):
         if not self.controller.wants_hidden_states:

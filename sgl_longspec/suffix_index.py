@@ -260,6 +260,28 @@ class SuffixIndex:
             self._cached.move_to_end(ref_seq)
         return _make_draft(tok, par, prob, score, match_len)
 
+    def speculate_context(self, context_ids, max_spec_tokens: int | None = None,
+                          use_tree: bool | None = None, max_tree_nodes: int | None = None) -> Draft:
+        """Draft a continuation of `context_ids` from the global tree alone (no request of this
+        index is involved: a corpus kept in an index of its own). Only the last max_depth tokens
+        of the context can matter. Same rules as ``speculate`` otherwise."""
+        cfg = self.config
+        max_spec_tokens = _check_int("max_spec_tokens", cfg.max_spec_tokens if max_spec_tokens is None
+                                     else max_spec_tokens, 0, 65536)
+        max_tree_nodes = _check_int("max_tree_nodes", cfg.max_tree_nodes if max_tree_nodes is None
+                                    else max_tree_nodes, 0, 65536)
+        use_tree = cfg.use_tree if use_tree is None else use_tree
+        if not isinstance(use_tree, (bool, np.bool_)):
+            raise ValueError(f"use_tree must be a bool, got {use_tree!r}")
+        if not self._cached:
+            return Draft.empty()
+        tok, par, prob, score, match_len, tree, ref_seq = self._core.speculate_context(
+            context_ids, max_spec_tokens, float(cfg.spec_factor), float(cfg.spec_offset),
+            float(cfg.min_token_prob), bool(use_tree), max_tree_nodes)
+        if tree == 1 and self._lru and ref_seq in self._cached:
+            self._cached.move_to_end(ref_seq)
+        return _make_draft(tok, par, prob, score, match_len)
+
     def speculate_raw(self, req_id: Hashable, max_spec_tokens: int, spec_factor: float,
                       spec_offset: float, min_token_prob: float, use_tree: bool,
                       max_tree_nodes: int, use_global: bool = True):

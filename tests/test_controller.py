@@ -534,3 +534,28 @@ def test_invalid_drafts_are_drafter_failures(corrupt):
     run_to_completion(ctl, [r])
     assert r.output == r.stream[len(r.prompt):]
     assert ctl.counters.fallbacks == {"suffix_drafter": 1} and ctl.counters.accepted == 0
+
+
+def test_external_corpus_drafts_text_no_prompt_held():
+    """A request that copies a document of the corpus (absent from its prompt and from every past
+    output) is drafted from the corpus, exactly; the same request without it gets nothing."""
+    rng = np.random.default_rng(7)
+    doc = rng.integers(0, VOCAB, 120).tolist()
+    prompt = rng.integers(0, VOCAB, 30).tolist() + doc[:6]  # the copy starts after the prompt
+
+    def run(with_corpus: bool):
+        ctl = controller(cost_aware=False)
+        if with_corpus:
+            assert ctl.corpus.add("repo", [rng.integers(0, VOCAB, 200).tolist(), doc]) == 320
+        r = FakeRequest("copy", prompt, doc[6:100])
+        run_to_completion(ctl, [r])
+        assert r.output == r.stream[len(r.prompt):]
+        assert not ctl.counters.fallbacks
+        return ctl
+
+    ctl = run(True)
+    drafted, accepted = ctl.counters.by_source["corpus"][1:]
+    assert accepted >= 60 and ctl.counters.accepted >= accepted
+    assert ctl.stats()["corpus_tokens"] == {"repo": 320}
+    plain = run(False)
+    assert "corpus" not in plain.counters.by_source and plain.counters.accepted < accepted / 4

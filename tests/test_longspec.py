@@ -423,7 +423,8 @@ def test_router_howl_pick():
 
 
 @pytest.mark.parametrize("field,value", [("max_spec_tokens", 0), ("min_token_prob", 1.5),
-                                         ("spec_factor", -1.0), ("owl_top_k", 0)])
+                                         ("spec_factor", -1.0), ("owl_top_k", 0),
+                                         ("corpus", "/no/such/repo"), ("corpus_mb", -1)])
 def test_config_rejects_bad_values(field, value):
     cfg = LongSpecConfig(**{field: value})
     with pytest.raises(ValueError, match=field.replace("_", "-")):
@@ -841,6 +842,61 @@ def test_prometheus_counters_match_the_worker(server_pool, tmp_path):
     assert value("draft_tokens", drafter="suffix") == drafted
     assert value("steps", kind="verify") == stats["verify_steps"]
     assert value("steps", kind="plain") == stats["plain_steps"]
+
+
+@pytest.mark.server
+def test_external_corpus_drafts_what_no_prompt_held(server_pool, tmp_path):
+    """--longspec-corpus indexes a repository at start; POST /add_external_corpus (SGLang NGRAM's
+    request shape, content only, behind the admin key) adds documents, and a request whose answer
+    is in the corpus but in no prompt and no past output (the global tree is off) drafts from it,
+    with output identical to plain decoding."""
+    import requests
+
+    repo = tmp_path / "repo"
+    (repo / "pkg").mkdir(parents=True)
+    (repo / "pkg" / "merge.py").write_text(CODE_SNIPPET)
+    (repo / ".git").mkdir()
+    (repo / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    stats_file = tmp_path / "corpus_stats.json"
+    srv = server_pool.get(LONGSPEC_ARGS + ("--longspec-global-cache-requests", "0",
+                                           "--longspec-corpus", str(repo),
+                                           "--admin-api-key", "corpus-admin"),
+                          env={"LONGSPEC_STATS_FILE": str(stats_file)})
+    url, admin = srv.base_url, {"Authorization": "Bearer corpus-admin"}
+
+    def post(path, body, headers=admin):
+        return requests.post(url + path, json=body, headers=headers, timeout=120)
+
+    listed = requests.get(url + "/list_external_corpora", headers=admin, timeout=60)
+    assert listed.status_code == 200, listed.text
+    assert set(listed.json()["corpus_token_counts"]) == {"startup"}  # merge.py; .git skipped
+    assert listed.json()["corpus_token_counts"]["startup"] > 50
+    assert post("/add_external_corpus", {"documents": ["x = 1"]}, headers={}).status_code == 401
+    r = post("/add_external_corpus", {"file_path": "/etc/hostname"})
+    assert r.status_code == 400 and "file_path" in r.json()["message"], r.text
+    assert post("/add_external_corpus", {"documents": "not a list"}).status_code == 400
+
+    prompt = chat("Write a short Python function that checks whether a string is a palindrome.")
+    params = {"temperature": 0, "max_new_tokens": 64}
+    # The reference: this server's own plain decoding (speculation off for the request).
+    ref = srv.generate(text=prompt, sampling_params={**params, "custom_params": {"longspec": "off"}})
+    before = read_stats(stats_file)["by_source"].get("corpus", [0, 0, 0])
+    r = post("/add_external_corpus", {"corpus_id": "notes", "documents": [ref["text"], ""]})
+    assert r.status_code == 200 and r.json()["corpus_id"] == "notes", r.text
+    assert r.json()["loaded_token_count"] >= 40
+    spec = srv.generate(text=prompt, sampling_params=params)
+    assert spec["output_ids"] == ref["output_ids"]
+    stats = read_stats(stats_file)
+    assert stats["by_source"]["corpus"][2] - before[2] >= 30, stats["by_source"]
+    assert spec["meta_info"]["spec_verify_ct"] < spec["meta_info"]["completion_tokens"] / 2
+    assert not stats["fallbacks"], stats["fallbacks"]
+    assert stats["corpus_tokens"]["notes"] == r.json()["loaded_token_count"]
+
+    assert post("/remove_external_corpus", {"corpus_id": "notes"}).status_code == 200
+    assert post("/remove_external_corpus", {"corpus_id": "notes"}).status_code == 400
+    listed = requests.get(url + "/list_external_corpora", headers=admin, timeout=60).json()
+    assert set(listed["corpus_token_counts"]) == {"startup"}
+    assert srv.alive()
 
 
 @pytest.mark.server

@@ -224,3 +224,42 @@ def test_the_load_hook_targets_a_real_scheduler_method():
     module, cls, meth = sglang_compat.NEXT_BATCH.rsplit(".", 2)
     fn = getattr(getattr(importlib.import_module(module), cls), meth)
     assert list(inspect.signature(fn).parameters)[0] == "self"
+
+
+def test_corpus_hooks_target_real_methods_and_leave_other_servers_to_sglang():
+    """The external-corpus hooks wrap methods that exist on SGLang's tokenizer manager and
+    scheduler, and hand every call of a non-LONGSPEC server (NGRAM, plain) to SGLang unchanged."""
+    import asyncio
+    import importlib
+    import inspect
+
+    from sgl_longspec import corpus_endpoints as ce
+
+    for owner in (sglang_compat.TOKENIZER_MANAGER, sglang_compat.SCHEDULER):
+        module, cls = owner.rsplit(".", 1)
+        klass = getattr(importlib.import_module(module), cls)
+        for call in sglang_compat.CORPUS_CALLS:
+            assert callable(getattr(klass, call)), (owner, call)
+        if owner == sglang_compat.TOKENIZER_MANAGER:  # awaited by the HTTP routes
+            assert all(inspect.iscoroutinefunction(inspect.unwrap(getattr(klass, c)))
+                       for c in sglang_compat.CORPUS_CALLS)
+    for name in ("AddExternalCorpusReqOutput", "RemoveExternalCorpusReqInput",
+                 "RemoveExternalCorpusReqOutput", "ListExternalCorporaReqInput",
+                 "ListExternalCorporaReqOutput"):
+        sglang_compat.name(name)
+
+    async def original(tm, *args):
+        return ("sglang", args)
+
+    ngram = types.SimpleNamespace(server_args=types.SimpleNamespace(speculative_algorithm="NGRAM"))
+    assert asyncio.run(ce._tm_add(original, ngram, "obj")) == ("sglang", ("obj",))
+    assert asyncio.run(ce._tm_remove(original, ngram, "id")) == ("sglang", ("id",))
+    assert asyncio.run(ce._tm_list(original, ngram)) == ("sglang", ())
+    plain = types.SimpleNamespace(draft_worker=None)
+    assert ce._sched_add(lambda s, r: "sglang", plain, "req") == "sglang"
+    assert ce._sched_list(lambda s, r: "sglang", plain, "req") == "sglang"
+    # A LONGSPEC request naming a server-side file is refused before anything is read.
+    longspec = types.SimpleNamespace(server_args=types.SimpleNamespace(speculative_algorithm="LONGSPEC"))
+    obj = types.SimpleNamespace(file_path="/etc/hostname", documents=None, corpus_id=None)
+    out = asyncio.run(ce._tm_add(original, longspec, obj))
+    assert not out.success and "file_path" in out.message
