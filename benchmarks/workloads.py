@@ -317,6 +317,42 @@ def code_edit_sessions(tok, n_sessions: int, turns: int, max_new_tokens: int, se
     return sessions
 
 
+def numbered(code: str) -> str:
+    """The file as agent file viewers show it (SWE-agent, OpenHands, `cat -n`): a line number and
+    a tab before every line. The model replies with plain code, so its output never occurs
+    verbatim in the prompt past the end of a line; the repository on disk holds it."""
+    return "".join(f"{i:6d}\t{line}\n" for i, line in enumerate(code.splitlines(), 1))
+
+
+NUMBERED_EDITS = (
+    "Add the comment `# Reviewed by the agent.` as a new first line",
+    "Add the comment `# TODO: add tests.` as a new last line",
+    "Rename the definition `{name}` to `{name}_v2` (its `def` or `class` line only)",
+)
+
+
+def numbered_edit_sessions(tok, n_sessions: int, max_new_tokens: int, seed: int = 0,
+                           min_lines: int = 25, max_lines: int = 60) -> list[Session]:
+    """Code-edit turns over a line-numbered view of a real module's code: a small edit in one place
+    (a comment added, a definition renamed), the complete code returned without line numbers.
+    meta["file"] names the module (its whole text is what a --longspec-corpus of the repository
+    would hold)."""
+    rng = random.Random(f"numbered_edit-{seed}")
+    files = source_files()
+    sessions = []
+    for i in range(n_sessions):
+        rel, code = _code_snippet(rng, files, min_lines, max_lines)
+        first = top_level_defs(code)
+        edit = NUMBERED_EDITS[i % len(NUMBERED_EDITS)].format(name=first[0][0] if first else "main")
+        user = (f"I opened `{rel}` in the file viewer (line numbers on the left):\n\n"
+                f"{numbered(code)}\n{edit}, and return the complete updated code without line "
+                "numbers.")
+        sessions.append(Session(sid=f"numbered_edit-{i}", workload="numbered_edit", label="edit",
+                                turns=[Turn(user, max_new_tokens)], system=CODE_SYSTEM,
+                                meta={"file": rel, "edit": edit, "file_tokens": ntok(tok, code)}))
+    return sessions
+
+
 # --------------------------------------------------------------------------------------------
 # 2b. Tool-calling agent (JSON in, JSON out)
 

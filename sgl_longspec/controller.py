@@ -435,23 +435,35 @@ class LongSpecController:
         return StepRules([v.rules for v in views], [v.output for v in views], masks)
 
     def _suffix_drafts(self, views, budgets) -> list[Draft]:
+        """Suffix drafts: the request's and the global tree ("suffix") and the external corpus
+        ("corpus"), each consulted when the router expects it to pay for this request; the
+        better of the two by calibrated score. The corpus has its own record, so that a request
+        whose own tree keeps drafting badly can still copy from the corpus, and vice versa."""
         out = [Draft.empty()] * len(views)
         if not self.config.suffix_drafts:
             return out
         breaker = self.breakers["suffix_drafter"]
+        has_corpus = len(self.corpus) > 0
+        bs = len(views)
         for i, v in enumerate(views):
-            if budgets[i] > 0 and breaker.closed and self.router.wants_source(v.rid, "suffix", len(views), budgets[i]):
-                try:
-                    self.faults.check("suffix_drafter")
-                    d = self.suffix.propose([DraftRequest(v.rid, v.output[-1], budgets[i])])[0]
-                    if len(self.corpus) and self.router.wants_draft(v.rid, "corpus"):
-                        c = self.corpus.speculate(_tail(v, self.corpus.max_depth), budgets[i],
-                                                  use_tree=self.config.use_tree)
-                        d = self.router.better(d, c, v.rid)
-                    out[i] = self._checked(d, budgets[i])
-                except Exception:
-                    self.fallback("suffix_drafter", [v.rid], f"suffix draft for {v.rid}")
-                    budgets[i] = 0
+            if budgets[i] <= 0 or not breaker.closed:
+                continue
+            own = self.router.wants_source(v.rid, "suffix", bs, budgets[i])
+            corpus = has_corpus and self.router.wants_source(v.rid, "corpus", bs, budgets[i])
+            if not (own or corpus):
+                continue
+            try:
+                self.faults.check("suffix_drafter")
+                d = (self.suffix.propose([DraftRequest(v.rid, v.output[-1], budgets[i])])[0]
+                     if own else Draft.empty())
+                if corpus:
+                    c = self.corpus.speculate(_tail(v, self.corpus.max_depth), budgets[i],
+                                              use_tree=self.config.use_tree)
+                    d = self.router.better(d, c, v.rid)
+                out[i] = self._checked(d, budgets[i])
+            except Exception:
+                self.fallback("suffix_drafter", [v.rid], f"suffix draft for {v.rid}")
+                budgets[i] = 0
         return out
 
     def _owl_drafts(self, views, budgets, suffix) -> list[Optional[Draft]]:

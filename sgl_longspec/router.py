@@ -142,7 +142,7 @@ class _ReqState:
     accepted: int = 0
     steps: int = 0  # verify steps with a draft
     plain_steps: int = 0  # steps without a draft
-    # per draft source ("suffix", "owl"): decayed [expected, accepted] sums behind the calibration
+    # per draft source ("suffix", "corpus", "owl"): decayed [expected, accepted] sums behind the calibration
     calib: dict = field(default_factory=dict)
 
 
