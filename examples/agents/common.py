@@ -84,8 +84,7 @@ if __name__ == "__main__":
 
 TASK = ("The test `test_summary_unique_words` in tests/test_textstats.py fails. Edit "
         "textstats/summary.py so that `summarize` also returns \"unique_words\": the number of "
-        "distinct words, `len(set(tokenize(text)))` (import `tokenize` from textstats.counting). "
-        "Keep everything else in the file unchanged. Then run the tests.")
+        "distinct words. Keep everything else in the file unchanged. Then run the tests.")
 
 
 def create_repo(root: Path | None = None) -> Path:
