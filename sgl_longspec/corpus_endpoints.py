@@ -18,6 +18,7 @@ import uuid
 
 from sgl_longspec import sglang_compat
 
+
 def _is_longspec(server_args) -> bool:
     return str(getattr(server_args, "speculative_algorithm", "") or "").upper() == "LONGSPEC"
 
@@ -85,31 +86,22 @@ def _worker(scheduler):
     return worker if getattr(worker, "serves_external_corpus", False) else None
 
 
-def _sched_add(original, scheduler, recv_req, *args, **kwargs):
-    worker = _worker(scheduler)
-    if worker is None:
-        return original(scheduler, recv_req, *args, **kwargs)
-    return worker.add_external_corpus(recv_req)
+def _to_worker(call: str):
+    """The scheduler's `call` (one of sglang_compat.CORPUS_CALLS): the LONGSPEC worker's method of
+    the same name where the worker serves the corpus, SGLang's own otherwise."""
+    def hook(original, scheduler, recv_req, *args, **kwargs):
+        worker = _worker(scheduler)
+        if worker is None:
+            return original(scheduler, recv_req, *args, **kwargs)
+        return getattr(worker, call)(recv_req)
 
-
-def _sched_remove(original, scheduler, recv_req, *args, **kwargs):
-    worker = _worker(scheduler)
-    if worker is None:
-        return original(scheduler, recv_req, *args, **kwargs)
-    return worker.remove_external_corpus(recv_req)
-
-
-def _sched_list(original, scheduler, recv_req, *args, **kwargs):
-    worker = _worker(scheduler)
-    if worker is None:
-        return original(scheduler, recv_req, *args, **kwargs)
-    return worker.list_external_corpora(recv_req)
+    return hook
 
 
 def register() -> None:
     c = sglang_compat
     add, remove, listing = c.CORPUS_CALLS
-    for owner, hooks in ((c.TOKENIZER_MANAGER, {add: _tm_add, remove: _tm_remove, listing: _tm_list}),
-                         (c.SCHEDULER, {add: _sched_add, remove: _sched_remove, listing: _sched_list})):
-        for call, fn in hooks.items():
-            c.hook(f"{owner}.{call}", fn, "AROUND")
+    for call, fn in {add: _tm_add, remove: _tm_remove, listing: _tm_list}.items():
+        c.hook(f"{c.TOKENIZER_MANAGER}.{call}", fn, "AROUND")
+    for call in c.CORPUS_CALLS:
+        c.hook(f"{c.SCHEDULER}.{call}", _to_worker(call), "AROUND")

@@ -256,8 +256,8 @@ def test_corpus_hooks_target_real_methods_and_leave_other_servers_to_sglang():
     assert asyncio.run(ce._tm_remove(original, ngram, "id")) == ("sglang", ("id",))
     assert asyncio.run(ce._tm_list(original, ngram)) == ("sglang", ())
     plain = types.SimpleNamespace(draft_worker=None)
-    assert ce._sched_add(lambda s, r: "sglang", plain, "req") == "sglang"
-    assert ce._sched_list(lambda s, r: "sglang", plain, "req") == "sglang"
+    for call in sglang_compat.CORPUS_CALLS:
+        assert ce._to_worker(call)(lambda s, r: "sglang", plain, "req") == "sglang"
     # A LONGSPEC request naming a server-side file is refused before anything is read.
     longspec = types.SimpleNamespace(server_args=types.SimpleNamespace(speculative_algorithm="LONGSPEC"))
     obj = types.SimpleNamespace(file_path="/etc/hostname", documents=None, corpus_id=None)
