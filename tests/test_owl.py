@@ -10,6 +10,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from sgl_longspec.draft import Draft
 from sgl_longspec.owl import build_drafter, load_drafter, shipped_checkpoint
@@ -347,6 +349,76 @@ def test_shipped_checkpoint_accepts_on_real_prompts():
 
 
 # ------------------------------------------------------------- long-context training data (real)
+@pytest.fixture(scope="module")
+def chat_tokenizer():
+    from transformers import AutoTokenizer
+
+    from sgl_longspec.models import ensure_embedded_model
+
+    return AutoTokenizer.from_pretrained(str(ensure_embedded_model()))
+
+
+# Texts whose cuts re-tokenize badly: runs of spaces and newlines (indentation), multi-byte
+# characters, digits and punctuation that merge with their neighbours.
+_FIT_TEXT = st.text(alphabet=st.sampled_from(list("ab xy\n\t    .,:()_=0123é€中🙂")), min_size=0, max_size=400)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pieces=st.lists(_FIT_TEXT, min_size=1, max_size=6), extra=st.integers(1, 400),
+       question=st.sampled_from(["Summarize.", "Explain the last function.", "  x\n"]))
+def test_fit_context_ids_has_exactly_the_requested_length(chat_tokenizer, pieces, extra, question):
+    """Every requested length is met exactly (the old text-level fit missed by a token where a cut
+    re-tokenized differently), the prompt ends with the same question and template tail whatever
+    the length, and the context is the END of the pieces' tokens."""
+    from sgl_longspec.owl import data as owl_data
+
+    tok = chat_tokenizer
+    head, tail = owl_data.chat_template_around(tok, question)
+    ctx = [t for p in pieces for t in tok(p + "\n\n", add_special_tokens=False)["input_ids"]]
+    n = len(head) + len(tail) + min(extra, len(ctx))
+    if len(ctx) == 0:
+        with pytest.raises(ValueError):
+            owl_data.fit_context_ids(tok, pieces, question, n)
+        return
+    ids = owl_data.fit_context_ids(tok, pieces, question, n)
+    assert len(ids) == n
+    assert ids[:len(head)] == head and ids[len(ids) - len(tail):] == tail
+    assert ids[len(head):len(ids) - len(tail)] == ctx[len(ctx) - (n - len(head) - len(tail)):]
+    with pytest.raises(ValueError):  # more context than the pieces hold
+        owl_data.fit_context_ids(tok, pieces, question, len(head) + len(tail) + len(ctx) + 1)
+
+
+def test_fit_context_ids_renders_the_chat_template(chat_tokenizer):
+    """The spliced ids decode to the chat template's own rendering of the turn "<context>\n\n
+    <question>", with the context cut from the front at a token boundary."""
+    from sgl_longspec.owl import data as owl_data
+
+    tok = chat_tokenizer
+    pieces = ["first piece of text.", "second piece."]
+    head, tail = owl_data.chat_template_around(tok, owl_data.CODE_Q)
+    ctx = [t for p in pieces for t in tok(p + "\n\n", add_special_tokens=False)["input_ids"]]
+    for keep in (len(ctx), len(ctx) - 3):
+        ids = owl_data.fit_context_ids(tok, pieces, owl_data.CODE_Q, len(head) + len(tail) + keep)
+        turn = tok.decode(ctx[len(ctx) - keep:]) + "\n\n" + owl_data.CODE_Q
+        want = tok.apply_chat_template([{"role": "user", "content": turn}], tokenize=False,
+                                       add_generation_prompt=True)
+        assert tok.decode(ids) == want
+
+
+def test_training_code_comes_from_the_pinned_package():
+    """The long-code training split reads named files of the version-pinned package only: the same
+    list on any machine (CI once failed because it read whatever site-packages held)."""
+    import importlib.metadata as md
+
+    from sgl_longspec.owl import data as owl_data
+
+    name, version = owl_data.CODE_SOURCE_PACKAGE
+    assert md.version(name) == version
+    files = owl_data.pinned_package_code_files(400, seed=1)
+    assert len(files) == 400 and all(f"/{name}/" in p.as_posix() for p in files)
+    assert files == owl_data.pinned_package_code_files(400, seed=1)
+
+
 @pytest.mark.timeout(600)
 def test_long_text_sequences_and_chunked_recording():
     """The long-context training split: exact lengths, disjoint from the evaluation's prompts, and

