@@ -10,7 +10,9 @@ against one LONGSPEC server; nothing may be lost, wrong or leaked.
    idle baseline (below).
 2. ``--clients`` threads send requests back to back for ``--minutes`` (loopback only). A request is
    one of a seeded pool of real prompts (ShareGPT chat, code edit, tool JSON; the same prompt
-   recurs, as agent retries do) sent in one of these ways:
+   recurs, as agent retries do) and of boundary requests (repetitive text ending 7-41 tokens
+   before the context length, max_new_tokens reaching it: ``BOUNDARY_MARGINS``), sent in one of
+   these ways:
    ``stream`` / ``full`` (streamed or not, to completion), ``schema`` (tool JSON under a JSON-schema
    constraint), ``disconnect`` (the client drops the stream after a few chunks), ``abort``
    (``POST /abort_request`` for its rid after a few chunks), ``bad`` (a token id outside the
@@ -55,14 +57,40 @@ FAULTS = "index:0.002,suffix_drafter:0.01,owl_drafter:0.05,owl_nan:0.02,grammar:
 # How a request is sent, with its weight.
 ACTIONS = {"stream": 30, "full": 25, "schema": 10, "disconnect": 12, "abort": 12, "bad": 6}
 PER_REQUEST_STATE = ("tracked_requests", "router_records", "hidden_states", "num_active_requests")
+# Boundary requests (issue 34): repetitive text (long drafts, accepted) whose prompt ends this
+# many tokens before the context length, with max_new_tokens reaching it exactly. 7 is the
+# closest prompt SGLang admits (it refuses prompts within 6 tokens of the context, plain
+# decoding alike: tests/test_context_boundary.py covers those refusals); 15-17 sit around the
+# default verify window of 16; 41 is the report's shape (8,151 + 40 = 8,191 at 8,192).
+BOUNDARY_MARGINS = (7, 15, 16, 17, 41)
+BOUNDARY_TEXT = "alpha beta gamma delta, "
 
 
 # --------------------------------------------------------------------------------------------
 # The request pool
 
 
-def request_pool(tok, n_per_kind: int, seed: int) -> list[dict]:
-    """Real prompts as token ids: chat (ShareGPT first turns), code edit, tool JSON."""
+def boundary_requests(tok, context: int, margins=BOUNDARY_MARGINS) -> list[dict]:
+    """Prompts that end `m` tokens before the context length, max_new_tokens m (together exactly
+    the context): prefixes of one repetitive text, so the radix cache shares their prefill."""
+    unit = len(tok.encode(BOUNDARY_TEXT, add_special_tokens=False))
+    ids = tok.encode(BOUNDARY_TEXT * (context // max(unit, 1) + 2), add_special_tokens=False)
+    assert len(ids) >= context
+    return [{"kind": "boundary", "input_ids": ids[: context - m], "max_new_tokens": m} for m in margins]
+
+
+def model_context_length(model_folder) -> int:
+    """The context length SGLang derives for the model folder (its config.json)."""
+    cfg = json.loads((Path(model_folder) / "config.json").read_text())
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        if cfg.get(key):
+            return int(cfg[key])
+    raise ValueError(f"no context length in {model_folder}/config.json; pass --context-length")
+
+
+def request_pool(tok, n_per_kind: int, seed: int, context: int | None = None) -> list[dict]:
+    """Real prompts as token ids: chat (ShareGPT first turns), code edit, tool JSON; with
+    `context`, also the boundary requests of that context length."""
     pool = []
     kinds = (("chat", W.chat_sessions(tok, n_per_kind, 1, 48, seed=seed)),
              ("code_edit", W.code_edit_sessions(tok, n_per_kind, 1, 128, seed=seed, min_lines=8, max_lines=16)),
@@ -71,6 +99,8 @@ def request_pool(tok, n_per_kind: int, seed: int) -> list[dict]:
         for s in sessions:
             pool.append({"kind": kind, "input_ids": W.chat_prompt_ids(tok, s.first_messages()),
                          "max_new_tokens": s.turns[0].max_new_tokens})
+    if context is not None:
+        pool += boundary_requests(tok, context)
     return pool
 
 
@@ -259,12 +289,13 @@ def load_phase(srv, pool: list[dict], clients: int, seconds: float, seed: int, v
     return records
 
 
-def replay_plain(model, pool: list[dict], records: list[dict], out: Path, timeout: float) -> dict:
+def replay_plain(model, pool: list[dict], records: list[dict], out: Path, timeout: float,
+                 server_args=()) -> dict:
     """Every completed request's greedy output on a plain server (16 at a time)."""
     done = [r for r in records if r["outcome"] == "completed"]
     keys = sorted({(r["pool_index"], r["action"] == "schema") for r in done})
     ref: dict = {}
-    with R.Server(model, [], out / "logs" / "server-plain.log", R.free_port(), timeout) as srv:
+    with R.Server(model, list(server_args), out / "logs" / "server-plain.log", R.free_port(), timeout) as srv:
         def one(key):
             idx, schema = key
             body = body_for(pool[idx], "schema" if schema else "full", f"ref-{idx}-{int(schema)}")
@@ -338,7 +369,9 @@ def markdown(report: dict) -> str:
     lines += [f"| {k} | {'PASS' if v else '**FAIL**'} |" for k, v in report["checks"].items()]
     lines += ["", "## Requests\n", "| outcome | count |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in sorted(report["outcomes"].items())]
-    lines += ["", f"By action: {json.dumps(report['by_action'])}. Aborts that arrived after the request "
+    lines += ["", f"By action: {json.dumps(report['by_action'])}. By kind (boundary: prompts ending "
+              f"{', '.join(map(str, BOUNDARY_MARGINS))} tokens before the {report.get('context_length')}-token "
+              f"context): {json.dumps(report.get('by_kind', {}))}. Aborts that arrived after the request "
               f"had finished (counted as completed and compared): {report['abort_late']}. Completed "
               f"requests compared with a plain server: {report['replay']['compared']} "
               f"({report['replay']['distinct_requests']} distinct), wrong: {len(report['replay']['wrong'])}. "
@@ -379,6 +412,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rss-tolerance", type=float, default=0.05)
     ap.add_argument("--sample-every", type=float, default=5.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--context-length", type=int, default=None,
+                    help="both servers' --context-length (default: the model's); the boundary "
+                         "requests end at it")
     ap.add_argument("--startup-timeout", type=float, default=900)
     ap.add_argument("--recheck", action="store_true",
                     help="only re-evaluate the checks of the finished run in --out (report.json) and "
@@ -412,17 +448,20 @@ def main(argv=None) -> int:
                     "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": R.machine_desc(),
                     "clients": args.clients, "minutes": args.minutes, "faults": args.faults,
                     "global_cache_requests": global_cache_requests}
+    context_args = ["--context-length", str(args.context_length)] if args.context_length else []
     samples: list[dict] = []
     records: list[dict] = []
     marks: dict = {}
     try:
-        srv_cm = R.Server(args.model_path, ["--speculative-algorithm", "LONGSPEC"], out / "logs" / "server-longspec.log",
-                          R.free_port(), args.startup_timeout)
+        srv_cm = R.Server(args.model_path, ["--speculative-algorithm", "LONGSPEC", *context_args],
+                          out / "logs" / "server-longspec.log", R.free_port(), args.startup_timeout)
         with srv_cm as srv:
             _restore(old_env)  # the plain server later runs without them
             tok = W.load_tokenizer(srv.model_folder)
             vocab = len(tok)
-            pool = request_pool(tok, args.prompts_per_kind, args.seed)
+            context = args.context_length or model_context_length(srv.model_folder)
+            report["context_length"] = context
+            pool = request_pool(tok, args.prompts_per_kind, args.seed, context)
             for i, p in enumerate(pool):
                 p["index"] = i
             probe = W.chat_prompt_ids(tok, [{"role": "user", "content": "Say hello."}])
@@ -482,12 +521,18 @@ def main(argv=None) -> int:
             by_action.setdefault(r["action"], {}).setdefault(r["outcome"], 0)
             by_action[r["action"]][r["outcome"]] += 1
         report.update(outcomes=outcomes, by_action=by_action, abort_late=sum(bool(r.get("abort_late")) for r in records))
+        by_kind: dict = {}
+        for r in records:
+            by_kind.setdefault(r["kind"], {}).setdefault(r["outcome"], 0)
+            by_kind[r["kind"]][r["outcome"]] += 1
+        report["by_kind"] = by_kind
         done = [r for r in records if r["outcome"] == "completed"]
         report["output_tokens"] = sum(r["completion_tokens"] for r in done)
         ver = sum(r["spec_verify_ct"] or r["completion_tokens"] for r in done)
         report["tau"] = report["output_tokens"] / ver if ver else 1.0
         print(f"[reliability] {len(records)} requests: {outcomes}; replaying {len(done)} on a plain server", flush=True)
-        report["replay"] = replay_plain(args.model_path, pool, records, out, args.startup_timeout)
+        report["replay"] = replay_plain(args.model_path, pool, records, out, args.startup_timeout,
+                                        context_args)
         report["checks"] = verdict(report, args.rss_tolerance)
     finally:
         _restore(old_env)

@@ -52,6 +52,10 @@ class RequestView:
     plain_only: bool = False  # decodes without drafts (opted out, or a custom logit processor)
     handle: object = None  # the engine's request object, handed back to `finished_ok`
     rules: Optional[LogitRules] = None  # penalties, grammar, logit bias (sgl_longspec.logit_rules)
+    # Draft tokens its KV window can take this step (None: no limit known): the engine's slots
+    # reserved past the committed length, its req_to_token row and the context length bound the
+    # root's slot plus one per draft token. Near the end of the context it shrinks, down to 0.
+    room: Optional[int] = None
 
 
 @dataclass
@@ -250,6 +254,9 @@ class Counters:
     saturated_steps: int = 0
     # decode steps planned while requests waited for admission (the budget then shrinks)
     queued_steps: int = 0
+    # request-steps whose draft budget its KV window cut (RequestView.room: the reservation, the
+    # req_to_token row or the context length ends within a full draft of its committed tokens)
+    room_capped: int = 0
     # the last step's load as the engine adapter read it (waiting requests, free KV tokens)
     last_load: dict = field(default_factory=dict)
     # per draft source: [verified drafts, draft tokens, accepted tokens]
@@ -403,6 +410,10 @@ class LongSpecController:
             if eligible[i] and self.router.wants_draft(v.rid):
                 budgets[i] = min(self.config.max_spec_tokens, self.window - 1, max(v.remaining - 1, 0),
                                  step_budget)
+                if v.room is not None and v.room < budgets[i]:
+                    # Never draft past what its window holds: fewer tokens, down to none.
+                    budgets[i] = max(v.room, 0)
+                    self.counters.room_capped += 1
         suffix = self._suffix_drafts(views, budgets)
         model = self._owl_drafts(views, budgets, suffix)
         picked = [self.router.pick(s, m, v.rid) for s, m, v in zip(suffix, model, views)]

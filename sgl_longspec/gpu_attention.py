@@ -35,6 +35,12 @@ def hybrid_verify_plan_args(tree_masks, seq_lens_cpu: list[int], req_pool_indice
     """
     q_lens = [int(m.shape[0]) for m in tree_masks]
     dev = req_to_token.device
+    width = int(req_to_token.shape[1])
+    for b, (s, q) in enumerate(zip(seq_lens_cpu, q_lens)):
+        # A slice past the row would come back short and shift every later request's tree KV.
+        if s + q > width:
+            raise IndexError(f"LONGSPEC verify: request {b} verifies slots [{s}, {s + q}) of a "
+                             f"req_to_token row of {width}")
     prefix = [req_to_token[r, :s] for r, s in zip(req_pool_indices, seq_lens_cpu)]
     tree = [req_to_token[r, s:s + q] for r, s, q in zip(req_pool_indices, seq_lens_cpu, q_lens)]
 

@@ -7,7 +7,8 @@ process, so it must be idempotent and cheap. It wires in, through SGLang's publi
   stock backends stay untouched, and a LONGSPEC server selects its backend by itself;
 - HookRegistry hooks: the `--longspec-*` flags on SGLang's own argument parser, and the request
   check that turns an out-of-vocabulary token id into a 400 on every server, and SGLang's
-  external-corpus endpoints on a LONGSPEC server (`corpus_endpoints`);
+  external-corpus endpoints on a LONGSPEC server (`corpus_endpoints`), and the req_to_token row
+  width of a LONGSPEC server (`sglang_algo.register_row_sizing`);
 - the LONGSPEC speculative algorithm.
 
 An SGLang outside the supported range fails loudly: the error is logged here, and a server asked
@@ -41,11 +42,12 @@ def register() -> None:
         return
     from sgl_longspec import attention_backends, corpus_endpoints, request_checks
     from sgl_longspec.config import register_cli_hooks
-    from sgl_longspec.sglang_algo import register_longspec_algorithm
+    from sgl_longspec.sglang_algo import register_longspec_algorithm, register_row_sizing
 
     attention_backends.register(on_cpu)
     register_cli_hooks()
     request_checks.register()
     corpus_endpoints.register()
     sglang_compat.register_load_hook()
+    register_row_sizing()
     register_longspec_algorithm()

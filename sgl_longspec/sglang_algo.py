@@ -100,6 +100,44 @@ def register_longspec_algorithm() -> None:
         ALGORITHM_NAME, supports_overlap=SUPPORTS_OVERLAP, spec_class=_spec_class())(factory)
 
 
+# ---- req_to_token rows that hold what each decode step reserves --------------------------------
+# At every decode step SGLang's speculative preparation (eagle_prepare_for_decode, which LONGSPEC
+# goes through like NGRAM) reserves KV slots up to committed + get_alloc_reserve_per_decode() (twice
+# the verify window: a double buffer for its overlap schedule), rounded up to a page, and writes
+# them into the request's req_to_token row. The row is the context length plus
+# get_req_to_token_extra_context_len(): 4 + window at page size 1, widened to the reservation only
+# for UNO and for pages > 1. At page 1 the reservation therefore ran up to window - 4 columns past
+# the row once a request neared the end of the context, and the scheduler died (issue 34). A
+# LONGSPEC server sizes its rows the way SGLang sizes them for UNO: reservation + page - 1.
+
+def serving_longspec() -> bool:
+    """Whether this process serves --speculative-algorithm LONGSPEC (SGLang's resolved config)."""
+    algo = sglang_compat.name("get_spec")().speculative_algorithm
+    return algo is not None and str(algo).upper() == ALGORITHM_NAME
+
+
+def req_to_token_headroom() -> int:
+    """Columns a LONGSPEC request's req_to_token row needs past the context length: the slots a
+    decode step reserves past the committed length, plus the rounding to a page."""
+    reserve = int(sglang_compat.name("get_alloc_reserve_per_decode")())
+    return reserve + int(sglang_compat.name("get_alloc_page_size")()) - 1
+
+
+def _widen_req_to_token_rows(original, *args, **kwargs):
+    """AROUND hook on the pool builder's row headroom: at least req_to_token_headroom() on a
+    LONGSPEC server; every other server keeps SGLang's own value."""
+    extra = original(*args, **kwargs)
+    if not serving_longspec():
+        return extra
+    return max(int(extra), req_to_token_headroom())
+
+
+def register_row_sizing() -> None:
+    """Hook the req_to_token row sizing (plugin.register: once per process, before SGLang applies
+    the hooks and before any pool is built)."""
+    sglang_compat.hook(sglang_compat.REQ_TO_TOKEN_EXTRA, _widen_req_to_token_rows, "AROUND")
+
+
 def register_unsupported(problem: str) -> None:
     """Under an unsupported SGLang: register LONGSPEC, if the registry can still be reached, with
     a validator that stops the server start with `problem`; plain servers start as usual."""

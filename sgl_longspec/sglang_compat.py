@@ -90,6 +90,11 @@ _NAMES = {
     "get_tp_group": "sglang.srt.distributed",
     "register_attention_backend": "sglang.srt.layers.attention.attention_registry",
     "ATTENTION_BACKENDS": "sglang.srt.layers.attention.attention_registry",
+    # KV slots reserved past each request's committed length at every speculative decode step
+    # (eagle_prepare_for_decode), and the page size it is rounded to: the req_to_token row must
+    # hold them (sgl_longspec.sglang_algo.req_to_token_headroom).
+    "get_alloc_reserve_per_decode": "sglang.srt.mem_cache.allocation_sizing",
+    "get_alloc_page_size": "sglang.srt.mem_cache.allocation_sizing",
     "add_attention_backend_choices": "sglang.srt.server_args",
     "HookRegistry": "sglang.srt.plugins.hook_registry",
     "HookType": "sglang.srt.plugins.hook_registry",
@@ -157,6 +162,10 @@ CORPUS_CALLS = ("add_external_corpus", "remove_external_corpus", "list_external_
 TOKENIZER_MANAGER = "sglang.srt.managers.tokenizer_manager.TokenizerManager"
 SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
 
+# The width of the req_to_token rows past the context length, where the pool builder reads it
+# (the name as bound in that module, so the hook holds whatever the import order).
+REQ_TO_TOKEN_EXTRA = ("sglang.srt.mem_cache.kv_cache_configurator."
+                      "get_req_to_token_extra_context_len")
 
 # ---- the server's load, for the router (Router.draft_budget) ------------------------------
 # SGLang gives a speculative worker the running batch, not the scheduler: the number of requests

@@ -174,6 +174,8 @@ class LongSpecWorker(sglang_compat.name("BaseSpecWorker")):
         self.config = LongSpecConfig.from_env()
         self.config.validate(self.window)
         self.tp = RankZeroDecisions(tp_group())
+        self.context_len = int(self.model_runner.model_config.context_len)
+        self.row_width = None  # the req_to_token row width, once the pools exist (alloc_memory_pool)
         # Only the deciding rank drafts; the others follow its broadcast decisions.
         drafter = self._load_drafter() if self.tp.decides else None
         self.controller = LongSpecController(
@@ -239,6 +241,37 @@ class LongSpecWorker(sglang_compat.name("BaseSpecWorker")):
                     self.controller.corpus.memory_bytes() >> 10, self.config.corpus_mb)
 
     def add_external_corpus(self, req):
+    def _checked_row_width(self, req_to_token_pool) -> int:
+        """The req_to_token row width, checked at start-up against what each decode step reserves
+        past a request's committed length (sglang_algo.req_to_token_headroom): a row narrower than
+        that would crash the scheduler once a request nears the end of the context (issue 34),
+        so such a server does not start."""
+        from sgl_longspec.sglang_algo import req_to_token_headroom
+
+        width = int(req_to_token_pool.req_to_token.shape[1])
+        needed = self.context_len + req_to_token_headroom()
+        if width < needed:
+            raise RuntimeError(
+                f"LONGSPEC: req_to_token rows hold {width} tokens, but a request at the end of the "
+                f"{self.context_len}-token context reserves up to {needed} (context + "
+                f"{needed - self.context_len}) at a decode step; the row sizing hook "
+                f"({sglang_compat.REQ_TO_TOKEN_EXTRA}) did not apply")
+        return width
+
+    def _kv_room(self, batch) -> list[int]:
+        """Per request, the draft tokens its KV window can take this step (RequestView.room):
+        the root's slot and one per draft token, from its committed length on, inside the slots
+        SGLang reserved for it and its req_to_token row, every position inside the context."""
+        seq_lens = batch.seq_lens_cpu if batch.seq_lens_cpu is not None else batch.seq_lens
+        rooms = []
+        for req, seq_len in zip(batch.reqs, seq_lens.tolist()):
+            allocated = getattr(getattr(req, "kv", None), "kv_allocated_len", None)
+            width = self.row_width if self.row_width is not None else \
+                int(batch.req_to_token_pool.req_to_token.shape[1])
+            end = width if allocated is None else min(int(allocated), width)
+            rooms.append(max(0, min(end - seq_len - 1, self.context_len - 1 - seq_len)))
+        return rooms
+
         out = sglang_compat.name("AddExternalCorpusReqOutput")
         if not self.tp.decides:  # only the deciding rank drafts; its reply is the one returned
             return out(success=True, corpus_id=req.corpus_id)
@@ -291,6 +324,7 @@ class LongSpecWorker(sglang_compat.name("BaseSpecWorker")):
             self._target_worker.get_memory_pool()
         )
 
+        self.row_width = self._checked_row_width(self.req_to_token_pool)
     def init_attention_backends(self):
         pass
 
@@ -322,7 +356,8 @@ class LongSpecWorker(sglang_compat.name("BaseSpecWorker")):
         logit rules (and so whether the verify path runs) from its own copy of the batch, which
         is the same on every rank."""
         info = batch.sampling_info
-        views = [self._view(b, r, info) for b, r in enumerate(batch.reqs)]
+        views = [dataclasses.replace(self._view(b, r, info), room=room)
+                 for (b, r), room in zip(enumerate(batch.reqs), self._kv_room(batch))]
         if _batch_needs_engine_sampler(batch):
             views = [dataclasses.replace(v, plain_only=True, rules=None) for v in views]
         if self.tp.decides:
@@ -446,7 +481,10 @@ class LongSpecWorker(sglang_compat.name("BaseSpecWorker")):
             lp[idx] = torch.log_softmax(sub, -1).gather(1, tokens.view(-1, 1)).view(-1).to(lp.dtype)
 
     def _window_locs(self, batch) -> torch.Tensor:
-        """KV slots the scheduler reserved per request for this step: [bs, window]."""
+        """KV slots the scheduler reserved per request for this step: [bs, window]. They lie
+        inside the reservation (committed + twice the window) and so inside the row, which
+        _checked_row_width made wide enough for it; only the first 1 + n_i of them, n_i within
+        the request's room (_kv_room), are written."""
         bs = len(batch.reqs)
         locs = sglang_compat.name("assign_extend_cache_locs_func")(
             req_pool_indices=batch.req_pool_indices,

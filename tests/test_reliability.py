@@ -73,3 +73,21 @@ def test_a_probe_that_a_fault_made_smaller_is_no_leak():
 
 def test_group_rss_sees_this_process_group():
     assert REL.group_rss_mb(os.getpgid(0)) > 10
+
+
+def test_boundary_requests_reach_the_context_exactly():
+    """The suite's boundary requests (issue 34): each prompt ends its margin before the context
+    and max_new_tokens reaches it exactly; all are prefixes of one text (one shared prefill)."""
+    class WordTokenizer:
+        def encode(self, text, add_special_tokens=False):
+            return [len(w) for w in text.split()]
+
+    reqs = REL.boundary_requests(WordTokenizer(), 256)
+    assert [r["max_new_tokens"] for r in reqs] == list(REL.BOUNDARY_MARGINS)
+    longest = max((r["input_ids"] for r in reqs), key=len)
+    for r in reqs:
+        assert r["kind"] == "boundary" and len(r["input_ids"]) + r["max_new_tokens"] == 256
+        assert r["input_ids"] == longest[: len(r["input_ids"])]
+    md = REL.markdown({**_report(), "checks": REL.verdict(_report(), 0.05), "context_length": 256,
+                       "by_kind": {"boundary": {"completed": 3}}})
+    assert '"boundary": {"completed": 3}' in md and "256-token context" in md

@@ -32,9 +32,28 @@ def _ragged_positions(start: torch.Tensor, end: torch.Tensor):
     return seg, start.to(torch.int64)[seg] + within
 
 
+def _check_row_ranges(op: str, req_to_token, start_offset, end_offset) -> None:
+    """Every [start_i, end_i) inside a req_to_token row, checked before anything is touched.
+
+    The Triton twins of these ops do pointer arithmetic without a row bound: a range past the
+    row reads or overwrites the next request's row. Indexing here would raise halfway through
+    a write. A range that does not fit is refused whole, naming it (issue 34: a decode-step
+    reservation past the row at the end of the context)."""
+    if end_offset.numel() == 0:
+        return
+    width = req_to_token.shape[1]
+    start, end = start_offset.to(torch.int64), end_offset.to(torch.int64)
+    bad = (start < 0) | (end < start) | (end > width)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise IndexError(f"{op}: slot range [{int(start[i])}, {int(end[i])}) of batch row {i} "
+                         f"does not fit a req_to_token row of {width} slots")
+
+
 def assign_req_to_token_pool_cpu(req_pool_indices, req_to_token, start_offset, end_offset,
                                  out_cache_loc, pool_len):
     """req_to_token[req_pool_indices[i], start_i:end_i] = the i-th packed slice of out_cache_loc."""
+    _check_row_ranges("assign_req_to_token_pool", req_to_token, start_offset, end_offset)
     seg, cols = _ragged_positions(start_offset, end_offset)
     if seg.numel() == 0:
         return
@@ -45,6 +64,7 @@ def assign_req_to_token_pool_cpu(req_pool_indices, req_to_token, start_offset, e
 def assign_extend_cache_locs_cpu(req_pool_indices, req_to_token, start_offset, end_offset,
                                  out_cache_loc, pool_len):
     """out_cache_loc (packed) = req_to_token[req_pool_indices[i], start_i:end_i] for each i."""
+    _check_row_ranges("assign_extend_cache_locs", req_to_token, start_offset, end_offset)
     seg, cols = _ragged_positions(start_offset, end_offset)
     if seg.numel() == 0:
         return
