@@ -240,7 +240,6 @@ class LongSpecWorker(sglang_compat.name("BaseSpecWorker")):
                     files, tokens, time.perf_counter() - t0,
                     self.controller.corpus.memory_bytes() >> 10, self.config.corpus_mb)
 
-    def add_external_corpus(self, req):
     def _checked_row_width(self, req_to_token_pool) -> int:
         """The req_to_token row width, checked at start-up against what each decode step reserves
         past a request's committed length (sglang_algo.req_to_token_headroom): a row narrower than
@@ -272,6 +271,7 @@ class LongSpecWorker(sglang_compat.name("BaseSpecWorker")):
             rooms.append(max(0, min(end - seq_len - 1, self.context_len - 1 - seq_len)))
         return rooms
 
+    def add_external_corpus(self, req):
         out = sglang_compat.name("AddExternalCorpusReqOutput")
         if not self.tp.decides:  # only the deciding rank drafts; its reply is the one returned
             return out(success=True, corpus_id=req.corpus_id)
