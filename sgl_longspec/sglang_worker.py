@@ -173,9 +173,9 @@ class LongSpecWorker(sglang_compat.name("BaseSpecWorker")):
         self.speculative_num_draft_tokens = self.window
         self.config = LongSpecConfig.from_env()
         self.config.validate(self.window)
-        self.tp = RankZeroDecisions(tp_group())
         self.context_len = int(self.model_runner.model_config.context_len)
         self.row_width = None  # the req_to_token row width, once the pools exist (alloc_memory_pool)
+        self.tp = RankZeroDecisions(tp_group())
         # Only the deciding rank drafts; the others follow its broadcast decisions.
         drafter = self._load_drafter() if self.tp.decides else None
         self.controller = LongSpecController(
@@ -323,8 +323,8 @@ class LongSpecWorker(sglang_compat.name("BaseSpecWorker")):
         self.req_to_token_pool, self.token_to_kv_pool_allocator = (
             self._target_worker.get_memory_pool()
         )
-
         self.row_width = self._checked_row_width(self.req_to_token_pool)
+
     def init_attention_backends(self):
         pass
 
