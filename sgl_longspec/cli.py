@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import urllib.error
 import urllib.request
 
 from sgl_longspec.config import LongSpecConfig
-from sgl_longspec.models import EMBEDDED_MODELS, ModelError, resolve_model_path
+from sgl_longspec.models import EMBEDDED_MODELS, ModelError, cache_dir, resolve_model_path
 
 # Defaults for a CPU-only machine of this project's kind (2 cores, 24 GiB). Sized so the KV pool
 # of the embedded models fits comfortably: SGLang's default sizing reserved ~15 GB and the
@@ -189,8 +190,8 @@ def cmd_serve(argv: list[str]) -> int:
     return _run_foreground(proc, f"http://{args.host}:{args.port}", path, args.startup_timeout)
 
 
-DEMO_FILE = '''def moving_average(values, window):
-    """Average of each run of `window` consecutive values."""
+DEMO_FILE = """def moving_average(values, window):
+    \"\"\"Average of each run of `window` consecutive values.\"\"\"
     if window <= 0:
         raise ValueError("window must be positive")
     out = []
@@ -202,9 +203,33 @@ DEMO_FILE = '''def moving_average(values, window):
         if i >= window - 1:
             out.append(total / window)
     return out
-'''
+"""
+DEMO_RENAME = ("moving_average", "rolling_mean")
 DEMO_AGENT_PROMPT = ("Here is a Python file:\n```python\n" + DEMO_FILE + "```\nRename the function "
-                     "moving_average to rolling_mean and return the whole file, unchanged otherwise.")
+                     f"{DEMO_RENAME[0]} to {DEMO_RENAME[1]} and return the whole file, unchanged otherwise.")
+# The demo's model: a code model that makes the agent turn's edit correctly at greedy decoding
+# (measured: Qwen2.5-Coder-0.5B returns the renamed file verbatim; SmolLM2-135M, the serving
+# default, writes another function instead, so its figures would not come from copying the file).
+DEMO_MODEL = "qwen2.5-coder-0.5b-instruct"
+DEMO_CHAT_PROMPT = "Write a Python function that checks whether a string is a palindrome, then explain it briefly."
+_CODE_BLOCK = re.compile(r"```[A-Za-z0-9_+-]*\n(.*?)(?:```|\Z)", re.S)
+
+
+def check_agent_edit(reply: str) -> tuple[bool, str]:
+    """Whether the agent turn's reply is the requested edit: its (first) code block is DEMO_FILE
+    with the function renamed and every other line unchanged (trailing spaces aside)."""
+    old, new = DEMO_RENAME
+    m = _CODE_BLOCK.search(reply)
+    got = [ln.rstrip() for ln in (m.group(1) if m else reply).strip("\n").splitlines()]
+    want = [ln.rstrip() for ln in DEMO_FILE.replace(old, new).strip("\n").splitlines()]
+    if got == want:
+        return True, f"correct edit: {new} defined, the other {len(want) - 1} lines unchanged"
+    if not any(ln.startswith(f"def {new}(") for ln in got):
+        return False, f"not the edit: no `def {new}(` in the reply"
+    for i, (g, w) in enumerate(zip(got, want)):
+        if g != w:
+            return False, f"not the edit: line {i + 1} is {g!r}, expected {w!r}"
+    return False, f"not the edit: {len(got)} lines, expected {len(want)}"
 
 
 def generate_once(base_url: str, input_ids: list[int], max_tokens: int, speculate: bool) -> dict:
@@ -230,8 +255,10 @@ def _turn_figures(out: dict) -> dict:
             "accepted": int(mi.get("spec_num_correct_drafts") or 0), "steps": steps}
 
 
-def demo_turn(base_url: str, tokenizer, title: str, prompt: str, max_tokens: int) -> dict:
-    """The same greedy turn with and without speculation on one server; prints both."""
+def demo_turn(base_url: str, tokenizer, title: str, prompt: str, max_tokens: int,
+              check=None) -> dict:
+    """The same greedy turn with and without speculation on one server; prints both, and the
+    verdict of `check(reply) -> (ok, why)` on the reply the figures come from."""
     ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                         add_generation_prompt=True, tokenize=True)
     ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # newer transformers: BatchEncoding
@@ -239,15 +266,44 @@ def demo_turn(base_url: str, tokenizer, title: str, prompt: str, max_tokens: int
     spec = generate_once(base_url, ids, max_tokens, speculate=True)
     p, s = _turn_figures(plain), _turn_figures(spec)
     reply = spec["text"].strip().splitlines()
-    shown = "\n".join(reply[:14]) + ("\n..." if len(reply) > 14 else "")
+    shown = "\n".join(reply[:16]) + ("\n..." if len(reply) > 16 else "")
     print(f"\n[{title}] user> {prompt}\nassistant> {shown}\n", flush=True)
+    ok = None
+    if check is not None:
+        ok, why = check(spec["text"])
+        print(f"  reply check: {'OK' if ok else 'FAILED'}, {why}", flush=True)
     print(f"  {'':22s} {'tok/s':>7s} {'accept len':>11s} {'accepted drafts':>16s} {'steps':>6s}")
     for name, f in (("LONGSPEC", s), ("plain (same server)", p)):
         print(f"  {name:22s} {f['tok_s']:7.1f} {f['accept_len']:11.2f} {f['accepted']:16d} "
               f"{f['steps']:6d}")
     same = "identical" if spec["output_ids"] == plain["output_ids"] else "DIFFERENT"
     print(f"  -> {s['tok_s'] / max(p['tok_s'], 1e-9):.2f}x plain decoding; outputs {same}", flush=True)
-    return {"speedup": s["tok_s"] / max(p["tok_s"], 1e-9), "identical": same == "identical"}
+    return {"speedup": s["tok_s"] / max(p["tok_s"], 1e-9), "identical": same == "identical",
+            "reply_ok": ok}
+
+
+def _quiet_model_loading() -> None:
+    """The demo's screen shows one line per step: no conversion progress bars or library chatter
+    (the server's own output goes to its log file)."""
+    import logging
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    logging.getLogger("sgl_longspec").setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def _log_tail(path, n: int = 30) -> str:
+    try:
+        return "".join(open(path, errors="replace").readlines()[-n:])
+    except OSError:
+        return ""
 
 
 def cmd_demo(argv: list[str]) -> int:
@@ -255,28 +311,44 @@ def cmd_demo(argv: list[str]) -> int:
     parser = _common_parser("sgl-longspec demo",
                             "Start the server, show one agent turn and one chat turn with and "
                             "without speculation, then keep serving.")
-    parser.add_argument("--prompt", default="Write a Python function that checks whether a "
-                                            "string is a palindrome, then explain it briefly.",
-                        help="the chat turn")
-    parser.add_argument("--max-tokens", type=int, default=160)
+    parser.set_defaults(model_path=DEMO_MODEL)
+    for action in parser._actions:
+        if action.dest == "model_path":
+            action.help = f"as for serve; default: {DEMO_MODEL} (a code model that makes the agent turn's edit)"
+    parser.add_argument("--prompt", default=DEMO_CHAT_PROMPT, help="the chat turn")
+    parser.add_argument("--max-tokens", type=int, default=128,
+                        help="per turn (the agent turn's edit takes 101 tokens on the demo model)")
+    parser.add_argument("--log-file", default=None,
+                        help="the server's output (default: a file in the model cache, printed)")
     parser.add_argument("--exit", action="store_true", help="stop the server after the demo")
     args, extra = parser.parse_known_args(argv)
     base_url = f"http://{args.host}:{args.port}"
+    _quiet_model_loading()
+    t0 = time.time()
+    print(f"[1/3] model {args.model_path} (the first use converts it once: about 2 minutes)", flush=True)
     try:
-        proc, path = start_server(args.model_path, args.host, args.port, extra)
+        path = str(resolve_model_path(args.model_path))
+        log_path = args.log_file or str(cache_dir().parent / "logs" / f"demo-server-{args.port}.log")
+        os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
+        print(f"      ready in {time.time() - t0:.0f}s: {path}", flush=True)
+        log = open(log_path, "w")
+        proc, path = start_server(path, args.host, args.port, extra, log_file=log)
     except (ModelError, ValueError) as e:
         print(f"sgl-longspec: error: {e}", file=sys.stderr)
         return 2
     try:
         t0 = time.time()
+        print(f"[2/3] SGLang server starting; its log: {log_path}", flush=True)
         wait_healthy(base_url, proc, args.startup_timeout)
-        print(f"\nsgl-longspec: server up in {time.time() - t0:.0f}s ({path})", flush=True)
+        print(f"      up in {time.time() - t0:.0f}s", flush=True)
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(path)
         generate_once(base_url, [1, 2, 3, 4], 4, speculate=False)  # warm-up
+        print("[3/3] two greedy turns, each with LONGSPEC and with speculation off, same server",
+              flush=True)
         demo_turn(base_url, tok, "agent turn: edit a file and return it", DEMO_AGENT_PROMPT,
-                  args.max_tokens)
+                  args.max_tokens, check=check_agent_edit)
         demo_turn(base_url, tok, "chat turn", args.prompt, args.max_tokens)
         print("\nWhat the numbers mean: accept len is tokens committed per decode step (1.00 = "
               "plain decoding). Agent replies repeat what the request has seen, so LONGSPEC "
@@ -290,10 +362,11 @@ def cmd_demo(argv: list[str]) -> int:
     except KeyboardInterrupt:
         return 0
     except (RuntimeError, TimeoutError, urllib.error.URLError) as e:
-        print(f"sgl-longspec: {e}", file=sys.stderr)
+        print(f"sgl-longspec: {e}\n--- last lines of {log_path}:\n{_log_tail(log_path)}", file=sys.stderr)
         return 1
     finally:
         stop_server(proc)
+        log.close()
 
 
 def cmd_convert_model(argv: list[str]) -> int:

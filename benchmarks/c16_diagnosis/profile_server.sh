@@ -5,7 +5,7 @@
 #   churn:  churn_load.py, 16 client threads x 6 short requests; py-spy the whole run, idle included.
 mode=$1; name=$2; port=$3; shift 3
 OUT=${OUT:-/tmp/prof}; mkdir -p $OUT; HERE=$(cd "$(dirname "$0")" && pwd)
-cd "$HERE/../../.."
+cd "$HERE/../.."
 .venv/bin/sgl-longspec serve --port $port "$@" > $OUT/$name.server.log 2>&1 &
 spid=$!
 for i in $(seq 120); do curl -s localhost:$port/health >/dev/null && break; sleep 2; done
