@@ -15,6 +15,16 @@ layout (int32 words, bit t % 32 of word t // 32 set = token t allowed).
 Order of application per row, as SGLang 0.5.23's sampler does it for one token: additive penalties
 (frequency, presence, min-new-tokens), the multiplicative repetition penalty, the grammar mask,
 then the logit bias.
+
+Which tokens SGLang 0.5.23's penalizers count (srt/sampling/penaltylib, read, not guessed): only
+what `ScheduleBatch.cumulate_penalty_output_tokens` feeds them, one token per decode step when the
+step is PREPARED: `req.output_ids[-1]`, or `req.origin_input_ids[-1]` while the output is still
+empty. Under the synchronous schedule the previous step's token is already appended, so the step
+that draws output token k counts output tokens 0..k-1. Under the overlap schedule (SGLang's default
+for plain decoding, also on CPU) the previous step's result is processed only after the next step
+is prepared: the first decode step counts the prompt's LAST token, and the step that draws output
+token k counts that prompt token and output tokens 0..k-2 (the newest output token is not counted
+yet). The prefill's own draw counts nothing. `Penalties.prompt_tail` selects the overlap rule.
 """
 
 from __future__ import annotations
@@ -46,13 +56,17 @@ class Grammar(Protocol):
 
 @dataclass(frozen=True)
 class Penalties:
-    """SGLang's sampling-parameter penalties, over the request's OUTPUT tokens (not the prompt)."""
+    """SGLang's sampling-parameter penalties, over the tokens its penalizers count (module
+    docstring): the request's output tokens, shifted by one onto the prompt's last token when
+    `prompt_tail` is set (the plain reference runs SGLang's overlap schedule)."""
 
-    frequency: float = 0.0  # subtracted once per occurrence
-    presence: float = 0.0  # subtracted once if the token occurred
-    repetition: float = 1.0  # occurred tokens: logit / r if positive, logit * r if negative
+    frequency: float = 0.0  # subtracted once per counted occurrence
+    presence: float = 0.0  # subtracted once if the token was counted
+    repetition: float = 1.0  # counted tokens: logit / r if positive, logit * r if negative
     min_new_tokens: int = 0  # stop tokens are banned while fewer tokens have been output
     stop_token_ids: tuple = ()
+    # The prompt's last token (origin_input_ids[-1]) under the overlap rule; None: synchronous.
+    prompt_tail: Optional[int] = None
 
     @property
     def active(self) -> bool:
@@ -146,44 +160,68 @@ def _paths(draft: Draft) -> list[list[int]]:
     return paths
 
 
+def counted_tokens(emitted: Sequence[int], prompt_tail: Optional[int]) -> list[int]:
+    """The tokens SGLang's penalizers have counted when the next token is drawn after `emitted`
+    output tokens (module docstring): all of them (synchronous schedule), or with `prompt_tail`
+    (overlap schedule) the prompt's last token and all but the newest output token."""
+    emitted = list(emitted)
+    if prompt_tail is None or not emitted:
+        return emitted
+    return [int(prompt_tail)] + emitted[:-1]
+
+
 def apply_penalties(logits: torch.Tensor, output: Sequence[int], draft: Draft,
                     pen: Penalties) -> None:
-    """In place on one request's verify rows [n + 1, V] (slot order of `draft`)."""
+    """In place on one request's verify rows [n + 1, V] (slot order of `draft`): each row as
+    SGLang 0.5.23 computes the one row of a plain decode step after the output extended by the
+    draft tokens on its path, float for float (SamplingBatchInfo.update_penalties and
+    _apply_pre_grammar_logits_transforms):
+      acc = zeros; acc -= F (frequency: f scatter-added once per counted token); acc -= P
+      (presence: p scattered onto the counted tokens); acc += min-new-tokens stop penalty (-inf);
+      logits += acc; then logits = where(logits < 0, logits * R, logits / R) with R = r on the
+      counted tokens, 1 elsewhere (apply_scaling_penalties).
+    (-F - P equals -P - F exactly, so the set order in which SGLang visits its penalizers does
+    not matter; adding the sum once differs from subtracting F and P in turn in the last bit.)"""
     rows, vocab = logits.shape
     dev = logits.device
     paths = _paths(draft)
-    out = torch.as_tensor(list(output), dtype=torch.long, device=dev)
-    out = out[(out >= 0) & (out < vocab)]
     need_counts = pen.frequency != 0.0 or pen.presence != 0.0 or pen.repetition != 1.0
     if need_counts:
-        # Occurrences as the engine accumulates them: one scatter-add per emitted token, so a
-        # frequency penalty is the same float sum (f + f + ...) as in plain decoding.
         freq = torch.zeros(rows, vocab, dtype=torch.float32, device=dev)
         seen = torch.zeros(rows, vocab, dtype=torch.bool, device=dev)
-        base = torch.zeros(vocab, dtype=torch.float32, device=dev).scatter_add_(
-            0, out, torch.full((len(out),), float(pen.frequency), device=dev))
-        freq[:] = base
-        seen[:, out] = True
+        f = torch.tensor(float(pen.frequency), dtype=torch.float32, device=dev)
         for r, path in enumerate(paths):
-            for t in path:
-                if 0 <= t < vocab:
-                    freq[r, t] += float(pen.frequency)
-                    seen[r, t] = True
+            toks = torch.as_tensor(counted_tokens(list(output) + path, pen.prompt_tail),
+                                   dtype=torch.long, device=dev)
+            toks = toks[(toks >= 0) & (toks < vocab)]
+            # One scatter-add of the same float32 f per occurrence, as the penalizer adds one
+            # per step: equal addends make the float sum independent of their order.
+            freq[r].scatter_add_(0, toks, f.expand(len(toks)))
+            seen[r, toks] = True
+    acc = None
+    if need_counts and (pen.frequency != 0.0 or pen.presence != 0.0):
+        acc = torch.zeros(rows, vocab, dtype=torch.float32, device=dev)
         if pen.frequency != 0.0:
-            logits.sub_(freq)
+            acc.sub_(freq)
         if pen.presence != 0.0:
-            logits.sub_(torch.where(seen, torch.tensor(float(pen.presence), device=dev),
-                                    torch.tensor(0.0, device=dev)))
+            acc.sub_(torch.where(seen, torch.tensor(float(pen.presence), dtype=torch.float32,
+                                                    device=dev), torch.tensor(0.0, device=dev)))
     if pen.min_new_tokens > 0 and pen.stop_token_ids:
         stop = torch.tensor([t for t in pen.stop_token_ids if 0 <= t < vocab], dtype=torch.long,
                             device=dev)
+        # SGLang's len_output_tokens: one per cumulated step, the same count under both schedules
         emitted = len(output) + torch.tensor([len(p) for p in paths], device=dev)
         banned = (emitted < pen.min_new_tokens).nonzero().squeeze(1)
         if len(banned) and len(stop):
-            logits[banned.unsqueeze(1), stop.unsqueeze(0)] += float("-inf")
+            if acc is None:
+                acc = torch.zeros(rows, vocab, dtype=torch.float32, device=dev)
+            acc[banned.unsqueeze(1), stop.unsqueeze(0)] += float("-inf")
+    if acc is not None:
+        logits.add_(acc)  # float32 into the logits' dtype, as SGLang adds it
     if pen.repetition != 1.0:
-        scale = torch.where(seen, torch.tensor(float(pen.repetition), device=dev),
-                            torch.tensor(1.0, device=dev))
+        scale = torch.where(seen, torch.tensor(float(pen.repetition), dtype=torch.float32,
+                                               device=dev),
+                            torch.tensor(1.0, dtype=torch.float32, device=dev))
         logits[:] = torch.where(logits < 0, logits * scale, logits / scale)
 
 

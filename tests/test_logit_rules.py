@@ -4,13 +4,18 @@
   whole root path the DFA accepts (stopping below termination), the masks the DFA's allowed sets
   at each kept node, and the grammar must end in the state it started in. Also on a real xgrammar
   matcher (JSON schema) when xgrammar is installed.
-- apply_penalties: each row must equal plain decoding's one-row computation over the output
-  extended by that row's draft path.
+- apply_penalties: each row must equal, bit for bit, what SGLang 0.5.23's own penalizer code
+  (its orchestrator, ScheduleBatch.cumulate_penalty_output_tokens, SamplingBatchInfo's
+  update_penalties / _apply_pre_grammar_logits_transforms, run on CPU tensors) makes of that row
+  in a plain decode step after the output extended by the row's draft path, under the synchronous
+  and the overlap schedule (which shifts the counted tokens onto the prompt's last token).
 - a deliberately wrong rule (the root's penalties on every row, SGLang's "relaxed" speculative
   penalties) must fail the same comparison: the test can see the difference.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -186,20 +191,55 @@ def test_grammar_prune_on_xgrammar_json_schema():
     assert not matcher.is_terminated() and matcher.accept_token(ids['{'])  # state unchanged
 
 
-def plain_row(logits_row: torch.Tensor, output: list[int], pen: Penalties) -> torch.Tensor:
-    """One row as plain decoding computes it (SGLang's penalizers, one token per step)."""
-    x = logits_row.clone()
-    freq = torch.zeros(V)
-    for t in output:
-        freq[t] += pen.frequency
-    x -= freq
-    present = torch.zeros(V, dtype=torch.bool)
-    present[list(output)] = True
-    x -= torch.where(present, torch.tensor(pen.presence), torch.tensor(0.0))
-    if len(output) < pen.min_new_tokens:
-        x[list(pen.stop_token_ids)] += float("-inf")
-    scale = torch.where(present, torch.tensor(pen.repetition), torch.tensor(1.0))
-    return torch.where(x < 0, x * scale, x / scale)
+PROMPT_TAIL = 23  # the last prompt token of the simulated requests
+
+
+class _Tok:
+    additional_stop_token_ids = None
+    eos_token_id = None
+
+
+class _Batch:  # the orchestrator keeps a weak reference to its batch
+    def __init__(self, reqs):
+        self.reqs, self.device = reqs, "cpu"
+
+
+def sglang_plain_row(logits_row: torch.Tensor, emitted: list[int], pen: Penalties,
+                     overlap: bool) -> torch.Tensor:
+    """One row as a plain SGLang 0.5.23 decode step computes it after `emitted` output tokens:
+    SGLang's penalizers fed by its own ScheduleBatch.cumulate_penalty_output_tokens, one step at a
+    time, with output_ids as the scheduler holds them when it prepares each step (overlap: the
+    previous step's token is not appended yet), then applied the way the forward applies them
+    (SamplingBatchInfo.copy_for_forward -> update_penalties -> pre-grammar transforms)."""
+    from types import SimpleNamespace
+
+    import sglang.srt.sampling.penaltylib as penaltylib
+    from sglang.srt.managers.schedule_batch import ScheduleBatch
+    from sglang.srt.sampling.sampling_batch_info import SamplingBatchInfo
+
+    sp = SimpleNamespace(frequency_penalty=pen.frequency, presence_penalty=pen.presence,
+                         repetition_penalty=pen.repetition, min_new_tokens=pen.min_new_tokens,
+                         stop_token_ids=set(pen.stop_token_ids))
+    req = SimpleNamespace(sampling_params=sp, eos_token_ids=set(), tokenizer=_Tok(),
+                          origin_input_ids=[3, 1, PROMPT_TAIL], output_ids=[])
+    batch = _Batch([req])
+    vocab = logits_row.shape[-1]
+    orch = penaltylib.BatchedPenalizerOrchestrator(vocab, batch, {
+        penaltylib.BatchedFrequencyPenalizer, penaltylib.BatchedMinNewTokensPenalizer,
+        penaltylib.BatchedPresencePenalizer, penaltylib.BatchedRepetitionPenalizer})
+    batch.sampling_info = SimpleNamespace(penalizer_orchestrator=orch)
+    # The prefill drew emitted[0]; decode step j (1..k) draws emitted[j].
+    for j in range(1, len(emitted) + 1):
+        req.output_ids = list(emitted[: j - 1] if overlap else emitted[:j])
+        if orch.is_required:
+            ScheduleBatch.cumulate_penalty_output_tokens(batch)
+    info = SimpleNamespace(penalizer_orchestrator=orch, temperatures=torch.ones(1, 1),
+                           vocab_size=vocab)
+    SamplingBatchInfo.update_penalties(info)
+    info.penalizer_orchestrator = None  # copy_for_forward: the forward uses the accumulations
+    x = logits_row.clone().unsqueeze(0)
+    SamplingBatchInfo._apply_pre_grammar_logits_transforms(info, x)
+    return x[0]
 
 
 def draft_paths(d: Draft) -> list[list[int]]:
@@ -213,16 +253,46 @@ penalties = st.builds(Penalties, st.sampled_from([0.0, 0.3, 1.7]), st.sampled_fr
                       st.sampled_from([1.0, 1.3]), st.integers(0, 12), st.just((0, 7)))
 
 
-@settings(max_examples=200, deadline=None)
-@given(draft=trees(), output=st.lists(st.integers(0, V - 1), max_size=10), pen=penalties,
-       seed=st.integers(0, 1000))
-def test_penalties_per_position_equal_plain(draft, output, pen, seed):
+@settings(max_examples=150, deadline=None)
+@given(draft=trees(), output=st.lists(st.integers(0, V - 1), min_size=1, max_size=10),
+       pen=penalties, overlap=st.booleans(), seed=st.integers(0, 1000))
+def test_penalties_per_position_equal_sglangs_penalizers(draft, output, pen, overlap, seed):
+    """Every verify row, bit for bit, equals SGLang's penalizers in a plain decode step after the
+    output extended by the row's draft path (a decode step always follows >= 1 output token)."""
     logits = torch.randn(len(draft) + 1, V, generator=torch.Generator().manual_seed(seed)) * 3
     got = logits.clone()
+    pen = dataclasses.replace(pen, prompt_tail=PROMPT_TAIL if overlap else None)
     apply_penalties(got, output, draft, pen)
     for r, path in enumerate(draft_paths(draft)):
-        want = plain_row(logits[r], output + path, pen)
-        assert torch.equal(got[r], want), (r, path)
+        want = sglang_plain_row(logits[r], output + path, pen, overlap)
+        assert torch.equal(got[r], want), (r, path, overlap)
+
+
+def test_overlap_schedule_counts_the_prompts_last_token():
+    """The case of issue 33: SGLang's default (overlap) schedule penalises the prompt's last token
+    at the first decode step and not yet the newest output token; the synchronous rule differs
+    there, so the comparison above tells the two apart."""
+    logits = torch.full((2, V), 2.0)
+    out, draft = [5], Draft.chain([6])
+    for overlap in (False, True):
+        pen = Penalties(frequency=0.5, presence=0.25, repetition=2.0,
+                        prompt_tail=PROMPT_TAIL if overlap else None)
+        got = logits.clone()
+        apply_penalties(got, out, draft, pen)
+        for r, path in enumerate(draft_paths(draft)):
+            assert torch.equal(got[r], sglang_plain_row(logits[r], out + path, pen, overlap))
+        root_counts = {PROMPT_TAIL} if overlap else {5}
+        assert {t for t in range(V) if got[0, t] != 2.0} == root_counts, overlap
+        assert {t for t in range(V) if got[1, t] != 2.0} == root_counts | {5 if overlap else 6}
+    # Combined additive penalties are added as one sum (SGLang's accumulation), which is not
+    # always the same float as subtracting them in turn.
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 3
+    f, p = torch.tensor(0.8), torch.tensor(0.3)
+    assert not torch.equal(x - f - p, x + (torch.zeros(()) - f - p))
+    combined = Penalties(frequency=0.8, presence=0.3)
+    got = x.view(1, -1).clone()
+    apply_penalties(got, [5], Draft.empty(), combined)
+    assert torch.equal(got[0], sglang_plain_row(x, [5], combined, overlap=False))
 
 
 def test_root_penalties_on_every_row_are_caught():
