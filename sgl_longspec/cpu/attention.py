@@ -11,24 +11,39 @@ registered under its own name `longspec_cpu` (sgl_longspec.attention_backends):
   for verify); the two partial results are merged by their log-sum-exps. This is the hybrid tree
   attention of LongSpec; the math lives in flashinfer_ext.reference, which the GPU kernels match.
 
-Per-batch bookkeeping (request lengths, KV slot lists) is computed once in
+Cascade over radix-shared prefixes (sgl_longspec.cascade): requests whose committed KV starts with
+the same run of >= LONGSPEC_CASCADE_MIN_SHARED slots form a group; each layer attends all query rows
+of the group to ONE copy of that run (one batched product: its KV is read, or gathered, once per
+step instead of once per request), each request to the rest of its own prefix and its new tokens,
+and the partial results are merged by their log-sum-exps. Equal to the two-level path within
+float32 rounding.
+
+Per-batch bookkeeping (request lengths, KV slot lists, shared groups) is computed once in
 init_forward_metadata, not once per layer.
 """
 
 from __future__ import annotations
 
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from torch.nn.functional import scaled_dot_product_attention
 
-from flashinfer_ext.reference import hybrid_tree_attention
+from flashinfer_ext.reference import attention_with_lse, hybrid_tree_attention, merge_attention_states
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from sglang.srt.layers.radix_attention import AttentionType
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+from sgl_longspec.cascade import shared_prefix_groups
+
+# Shortest shared run of KV slots worth a cascade level: below it the extra batched product and
+# merge cost more than re-reading the run per request (measured on this 2-core CPU: see
+# benchmarks/bench_cascade_cpu.py). 0 turns the shared level off.
+CASCADE_MIN_SHARED = int(os.environ.get("LONGSPEC_CASCADE_MIN_SHARED", "256"))
 
 
 @dataclass
@@ -56,17 +71,54 @@ def _req_kv(slots: torch.Tensor) -> _ReqKV:
 
 
 @dataclass
+class _SharedLevel:
+    """One cascade group: its members' query rows attend to `kv` once."""
+
+    members: tuple[int, ...]
+    kv: _ReqKV
+    rows: torch.Tensor  # the members' query rows, in member order (int64)
+
+
+@dataclass
 class _BatchPlan:
     mode: str  # "decode", "extend", "verify"
     q_lens: list[int]  # new tokens (queries) per request
-    prefix: list[_ReqKV]  # committed KV attended without a mask
+    prefix: list[_ReqKV]  # committed KV attended without a mask (after the shared level, if any)
     masks: list[Optional[torch.Tensor]]  # [n, n] bool over the new tokens; None = causal
+    shared: list[_SharedLevel] = field(default_factory=list)
+
+
+def _plan(mode: str, q_lens: list[int], prefixes: list[torch.Tensor],
+          masks: list[Optional[torch.Tensor]], min_shared: int) -> _BatchPlan:
+    """The batch's attention plan; requests that share a run of KV slots get a shared level and
+    keep only the rest of their prefix."""
+    groups = shared_prefix_groups(prefixes, min_shared)
+    starts = [0]
+    for n in q_lens:
+        starts.append(starts[-1] + n)
+    cut = [0] * len(prefixes)
+    shared = []
+    for g in groups:
+        for i in g.members:
+            cut[i] = g.length
+        rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in g.members])
+        shared.append(_SharedLevel(g.members, _req_kv(prefixes[g.members[0]][: g.length]), rows))
+        CASCADE_COUNTS["groups"] += 1
+        CASCADE_COUNTS["requests"] += len(g.members)
+        CASCADE_COUNTS["shared_tokens"] += g.length
+    CASCADE_COUNTS[f"{mode}_steps"] += 1
+    rest = [_req_kv(p[c:]) for p, c in zip(prefixes, cut)]
+    return _BatchPlan(mode, q_lens, rest, masks, shared)
 
 
 # Wall time spent inside this backend's attention, per plan mode ("decode", "verify", "extend"),
 # in ms: the LONGSPEC worker reports it in its stats so that a verify step's profile can separate
 # attention from the rest of the forward (benchmarks/profile_verify_step.py).
 ATTENTION_MS: dict[str, float] = {"decode": 0.0, "verify": 0.0, "extend": 0.0}
+# Cascade counters (per planned batch, not per layer): batches planned by mode, shared groups
+# formed, requests in them, shared slots; tests read them to see that the shared level ran.
+CASCADE_COUNTS: dict[str, int] = {"decode_steps": 0, "verify_steps": 0, "extend_steps": 0,
+                                  "groups": 0, "requests": 0, "shared_tokens": 0}
 
 
 class LongSpecCPUAttnBackend(TorchNativeAttnBackend):
@@ -81,20 +133,40 @@ class LongSpecCPUAttnBackend(TorchNativeAttnBackend):
         seq_lens = forward_batch.seq_lens_cpu
         seq_lens = (seq_lens if seq_lens is not None else forward_batch.seq_lens).tolist()
         if mode.is_decode_or_idle():
-            prefix = [_req_kv(req_to_token[r, :s]) for r, s in zip(rows, seq_lens)]
-            self.plan = _BatchPlan("decode", [1] * len(rows), prefix, [None] * len(rows))
+            prefixes = [req_to_token[r, :s] for r, s in zip(rows, seq_lens)]
+            self.plan = _plan("decode", [1] * len(rows), prefixes, [None] * len(rows),
+                              CASCADE_MIN_SHARED)
         elif mode.is_target_verify():
-            spec = forward_batch.spec_info
-            q_lens, masks = _verify_layout(spec, seq_lens)
-            prefix = [_req_kv(req_to_token[r, :s]) for r, s in zip(rows, seq_lens)]
-            self.plan = _BatchPlan("verify", q_lens, prefix, masks)
+            q_lens, masks = _verify_layout(forward_batch.spec_info, seq_lens)
+            prefixes = [req_to_token[r, :s] for r, s in zip(rows, seq_lens)]
+            self.plan = _plan("verify", q_lens, prefixes, masks, CASCADE_MIN_SHARED)
         elif mode in (ForwardMode.EXTEND, ForwardMode.MIXED):
             pre = forward_batch.extend_prefix_lens_cpu
             ext = forward_batch.extend_seq_lens_cpu
             if pre is None or ext is None:
                 return
-            prefix = [_req_kv(req_to_token[r, :p]) for r, p in zip(rows, pre)]
-            self.plan = _BatchPlan("extend", list(ext), prefix, [None] * len(rows))
+            prefixes = [req_to_token[r, :p] for r, p in zip(rows, pre)]
+            self.plan = _plan("extend", list(ext), prefixes, [None] * len(rows), CASCADE_MIN_SHARED)
+
+    def _shared_states(self, q_, layer) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """The shared level of every group: request -> (out, lse) of its query rows against the
+        group's shared KV, computed for all members at once."""
+        if not self.plan.shared:
+            return {}
+        k_cache = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
+        v_cache = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
+        states = {}
+        for level in self.plan.shared:
+            ks, vs = level.kv.gather(k_cache), level.kv.gather(v_cache)
+            if ks.dtype != q_.dtype:
+                ks, vs = ks.to(q_.dtype), vs.to(q_.dtype)
+            o, lse = attention_with_lse(q_.index_select(0, level.rows), ks, vs, layer.scaling)
+            start = 0
+            for i in level.members:
+                n = self.plan.q_lens[i]
+                states[i] = (o[start:start + n], lse[start:start + n])
+                start += n
+        return states
 
     def _plain_layer(self, layer) -> bool:
         return (
@@ -121,20 +193,23 @@ class LongSpecCPUAttnBackend(TorchNativeAttnBackend):
         k_cache = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
         v_cache = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
         out = torch.empty_like(q_)
+        shared = self._shared_states(q_, layer)
         start = 0
-        for n, pre, mask in zip(self.plan.q_lens, self.plan.prefix, self.plan.masks):
+        for i, (n, pre, mask) in enumerate(zip(self.plan.q_lens, self.plan.prefix, self.plan.masks)):
             end = start + n
             kn, vn = k_new[start:end], v_new[start:end]
-            if pre.length == 0 and mask is None:
+            if pre.length == 0 and mask is None and i not in shared:
                 out[start:end] = _sdpa(q_[start:end], kn, vn, layer.scaling, causal=True)
             else:
                 kp, vp = pre.gather(k_cache), pre.gather(v_cache)
                 if kp.dtype != q_.dtype:
                     kp, vp = kp.to(q_.dtype), vp.to(q_.dtype)
                 tree_mask = mask if mask is not None else _causal(n, q_.device)
-                out[start:end] = hybrid_tree_attention(
-                    q_[start:end], kp, vp, kn, vn, tree_mask, layer.scaling
-                )
+                o, lse = hybrid_tree_attention(q_[start:end], kp, vp, kn, vn, tree_mask,
+                                               layer.scaling, return_lse=True)
+                if i in shared:
+                    o, lse = merge_attention_states(o, lse, *shared[i])
+                out[start:end] = o
             start = end
         ATTENTION_MS[self.plan.mode] += 1e3 * (time.perf_counter() - t0)
         return out.reshape(q.shape[0], hq * d)
@@ -152,11 +227,16 @@ class LongSpecCPUAttnBackend(TorchNativeAttnBackend):
         k_cache = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
         v_cache = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
         out = torch.empty_like(q_)
+        shared = self._shared_states(q_, layer)
         for i, pre in enumerate(self.plan.prefix):
             kp, vp = pre.gather(k_cache), pre.gather(v_cache)
             if kp.dtype != q_.dtype:
                 kp, vp = kp.to(q_.dtype), vp.to(q_.dtype)
-            out[i : i + 1] = _sdpa(q_[i : i + 1], kp, vp, layer.scaling, causal=False)
+            if i in shared:
+                o, lse = attention_with_lse(q_[i : i + 1], kp, vp, layer.scaling)
+                out[i : i + 1] = merge_attention_states(o, lse, *shared[i])[0]
+            else:
+                out[i : i + 1] = _sdpa(q_[i : i + 1], kp, vp, layer.scaling, causal=False)
         ATTENTION_MS["decode"] += 1e3 * (time.perf_counter() - t0)
         return out.reshape(q.shape[0], hq * d)
 
