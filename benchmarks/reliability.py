@@ -73,9 +73,11 @@ BOUNDARY_TEXT = "alpha beta gamma delta, "
 def boundary_requests(tok, context: int, margins=BOUNDARY_MARGINS) -> list[dict]:
     """Prompts that end `m` tokens before the context length, max_new_tokens m (together exactly
     the context): prefixes of one repetitive text, so the radix cache shares their prefill."""
-    unit = len(tok.encode(BOUNDARY_TEXT, add_special_tokens=False))
-    ids = tok.encode(BOUNDARY_TEXT * (context // max(unit, 1) + 2), add_special_tokens=False)
-    assert len(ids) >= context
+    repeats = max(1, context // 4)
+    ids = tok.encode(BOUNDARY_TEXT * repeats, add_special_tokens=False)
+    while len(ids) < context:  # a repetition tokenizes shorter inside the text than alone
+        repeats *= 2
+        ids = tok.encode(BOUNDARY_TEXT * repeats, add_special_tokens=False)
     return [{"kind": "boundary", "input_ids": ids[: context - m], "max_new_tokens": m} for m in margins]
 
 
