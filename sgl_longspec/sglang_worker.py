@@ -55,6 +55,15 @@ def _attention_ms() -> dict:
     return {f"attention_{mode}_ms": ms for mode, ms in ATTENTION_MS.items()}
 
 
+def _cascade_counts() -> dict:
+    """The CPU backend's cascade counters (shared-prefix groups planned), when it is in use."""
+    try:
+        from sgl_longspec.cpu.attention import CASCADE_COUNTS
+    except ImportError:  # no CPU layer (GPU build)
+        return {}
+    return {f"cascade_{name}": n for name, n in CASCADE_COUNTS.items()}
+
+
 _PROFILE_DIR = os.environ.get("LONGSPEC_TORCH_PROFILE_DIR")
 _profiled: dict[str, int] = {}
 
@@ -306,7 +315,8 @@ class LongSpecWorker(sglang_compat.name("BaseSpecWorker")):
         return mode.FULL if full else mode.LAST
 
     def stats(self) -> dict:
-        return {**self.controller.stats(), "tp_broadcasts": self.tp.broadcasts, **_attention_ms()}
+        return {**self.controller.stats(), "tp_broadcasts": self.tp.broadcasts, **_attention_ms(),
+                **_cascade_counts()}
 
     def _write_stats(self) -> None:
         tmp = self.stats_file + ".tmp"

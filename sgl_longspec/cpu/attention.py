@@ -103,10 +103,10 @@ def _plan(mode: str, q_lens: list[int], prefixes: list[torch.Tensor],
             cut[i] = g.length
         rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in g.members])
         shared.append(_SharedLevel(g.members, _req_kv(prefixes[g.members[0]][: g.length]), rows))
-        CASCADE_COUNTS["groups"] += 1
-        CASCADE_COUNTS["requests"] += len(g.members)
-        CASCADE_COUNTS["shared_tokens"] += g.length
-    CASCADE_COUNTS[f"{mode}_steps"] += 1
+        CASCADE_COUNTS[f"{mode}_groups"] += 1
+        CASCADE_COUNTS[f"{mode}_group_requests"] += len(g.members)
+        CASCADE_COUNTS[f"{mode}_shared_tokens"] += g.length
+    CASCADE_COUNTS[f"{mode}_batches"] += 1
     rest = [_req_kv(p[c:]) for p, c in zip(prefixes, cut)]
     return _BatchPlan(mode, q_lens, rest, masks, shared)
 
@@ -115,10 +115,10 @@ def _plan(mode: str, q_lens: list[int], prefixes: list[torch.Tensor],
 # in ms: the LONGSPEC worker reports it in its stats so that a verify step's profile can separate
 # attention from the rest of the forward (benchmarks/profile_verify_step.py).
 ATTENTION_MS: dict[str, float] = {"decode": 0.0, "verify": 0.0, "extend": 0.0}
-# Cascade counters (per planned batch, not per layer): batches planned by mode, shared groups
-# formed, requests in them, shared slots; tests read them to see that the shared level ran.
-CASCADE_COUNTS: dict[str, int] = {"decode_steps": 0, "verify_steps": 0, "extend_steps": 0,
-                                  "groups": 0, "requests": 0, "shared_tokens": 0}
+# Cascade counters per plan mode (per planned batch, not per layer): batches planned, shared
+# groups formed, requests in them, shared slots; tests read them to see that the shared level ran.
+CASCADE_COUNTS: dict[str, int] = {f"{mode}_{what}": 0 for mode in ("decode", "verify", "extend")
+                                  for what in ("batches", "groups", "group_requests", "shared_tokens")}
 
 
 class LongSpecCPUAttnBackend(TorchNativeAttnBackend):
