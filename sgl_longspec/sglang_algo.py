@@ -11,6 +11,7 @@ backend for the device, and the synchronous schedule (see below).
 from __future__ import annotations
 
 import logging
+import os
 
 from sgl_longspec import sglang_compat
 from sgl_longspec.config import LongSpecConfig
@@ -25,6 +26,16 @@ ALGORITHM_NAME = "LONGSPEC"
 # drafting from the relayed accept buffers as NGRAM does, a GPU-only change that has not run yet.
 # SGLang's CPU engine runs every speculative algorithm synchronously anyway.
 SUPPORTS_OVERLAP = False
+
+# Whether plain decoding with this server's flags runs SGLang's overlap schedule (SGLang's default;
+# "0" with --disable-overlap-schedule). SGLang's penalizers count different tokens under the two
+# schedules (sgl_longspec.logit_rules), and a LONGSPEC request is penalised as plain decoding on
+# the same flags is. Set by configure_server_args in the launcher, inherited by the schedulers.
+PLAIN_OVERLAP_ENV = "LONGSPEC_PLAIN_OVERLAP"
+
+
+def plain_runs_overlap() -> bool:
+    return os.environ.get(PLAIN_OVERLAP_ENV, "1") != "0"
 
 
 def _spec_class():
@@ -81,23 +92,12 @@ def configure_server_args(server_args) -> None:
         logger.info("LONGSPEC: attention backend %s (asked: %s)", backend,
                     server_args.attention_backend)
     server_args.attention_backend = backend
+    # Recorded before LONGSPEC forces the synchronous schedule: plain decoding on these flags
+    # (the reference a LONGSPEC request must match) penalises by its own schedule's rule.
+    os.environ[PLAIN_OVERLAP_ENV] = "0" if server_args.disable_overlap_schedule else "1"
     if not SUPPORTS_OVERLAP and not server_args.disable_overlap_schedule:
         server_args.disable_overlap_schedule = True
     server_args.enable_mixed_chunk = False
-
-
-def register_longspec_algorithm() -> None:
-    """Register LONGSPEC (idempotent: SGLang calls plugins in every process)."""
-    if sglang_compat.algorithm_registered(ALGORITHM_NAME):
-        return
-
-    def factory(server_args):
-        from sgl_longspec.sglang_worker import LongSpecWorker
-
-        return LongSpecWorker
-
-    sglang_compat.name("SpeculativeAlgorithm").register(
-        ALGORITHM_NAME, supports_overlap=SUPPORTS_OVERLAP, spec_class=_spec_class())(factory)
 
 
 # ---- req_to_token rows that hold what each decode step reserves --------------------------------
@@ -136,6 +136,20 @@ def register_row_sizing() -> None:
     """Hook the req_to_token row sizing (plugin.register: once per process, before SGLang applies
     the hooks and before any pool is built)."""
     sglang_compat.hook(sglang_compat.REQ_TO_TOKEN_EXTRA, _widen_req_to_token_rows, "AROUND")
+
+
+def register_longspec_algorithm() -> None:
+    """Register LONGSPEC (idempotent: SGLang calls plugins in every process)."""
+    if sglang_compat.algorithm_registered(ALGORITHM_NAME):
+        return
+
+    def factory(server_args):
+        from sgl_longspec.sglang_worker import LongSpecWorker
+
+        return LongSpecWorker
+
+    sglang_compat.name("SpeculativeAlgorithm").register(
+        ALGORITHM_NAME, supports_overlap=SUPPORTS_OVERLAP, spec_class=_spec_class())(factory)
 
 
 def register_unsupported(problem: str) -> None:

@@ -81,6 +81,8 @@ _NAMES = {
     "move_accept_tokens_to_target_kvcache": "sglang.srt.speculative.spec_utils",
     "compute_spec_logprobs": "sglang.srt.layers.logprob_processor",
     "apply_custom_logit_processor": "sglang.srt.layers.sampler",
+    # read once by the sampler at import: its returned logprobs ignore the temperature
+    "SGLANG_RETURN_ORIGINAL_LOGPROB": "sglang.srt.layers.sampler",
     "assign_extend_cache_locs_func": "sglang.kernels.ops.speculative.cache_locs",
     "GenerationBatchResult": "sglang.srt.managers.utils",
     "ForwardMode": "sglang.srt.model_executor.forward_batch_info",
@@ -88,13 +90,13 @@ _NAMES = {
     "get_device": "sglang.srt.runtime_context",
     "get_spec": "sglang.srt.runtime_context",
     "get_tp_group": "sglang.srt.distributed",
-    "register_attention_backend": "sglang.srt.layers.attention.attention_registry",
-    "ATTENTION_BACKENDS": "sglang.srt.layers.attention.attention_registry",
     # KV slots reserved past each request's committed length at every speculative decode step
     # (eagle_prepare_for_decode), and the page size it is rounded to: the req_to_token row must
     # hold them (sgl_longspec.sglang_algo.req_to_token_headroom).
     "get_alloc_reserve_per_decode": "sglang.srt.mem_cache.allocation_sizing",
     "get_alloc_page_size": "sglang.srt.mem_cache.allocation_sizing",
+    "register_attention_backend": "sglang.srt.layers.attention.attention_registry",
+    "ATTENTION_BACKENDS": "sglang.srt.layers.attention.attention_registry",
     "add_attention_backend_choices": "sglang.srt.server_args",
     "HookRegistry": "sglang.srt.plugins.hook_registry",
     "HookType": "sglang.srt.plugins.hook_registry",
@@ -160,12 +162,12 @@ VALIDATE_REQUEST = "sglang.srt.managers.tokenizer_manager.TokenizerManager._vali
 # side, Scheduler.<call> where the worker and its corpus live.
 CORPUS_CALLS = ("add_external_corpus", "remove_external_corpus", "list_external_corpora")
 TOKENIZER_MANAGER = "sglang.srt.managers.tokenizer_manager.TokenizerManager"
-SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
-
 # The width of the req_to_token rows past the context length, where the pool builder reads it
 # (the name as bound in that module, so the hook holds whatever the import order).
 REQ_TO_TOKEN_EXTRA = ("sglang.srt.mem_cache.kv_cache_configurator."
                       "get_req_to_token_extra_context_len")
+SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
+
 
 # ---- the server's load, for the router (Router.draft_budget) ------------------------------
 # SGLang gives a speculative worker the running batch, not the scheduler: the number of requests
@@ -204,3 +206,50 @@ def kv_headroom(batch) -> tuple[int | None, int | None]:
     except Exception:  # noqa: BLE001 - no prefix cache (--disable-radix-cache): nothing evictable
         pass
     return free, total
+
+
+# ---- what SGLang's sampler leaves behind (sgl_longspec.sglang_worker reads it) -----------------
+# Sampler.forward (srt/layers/sampler.py, 0.5.23) works IN PLACE on
+# `logits_output.next_token_logits`. After penalties, grammar mask and logit bias
+# (ModelRunner._preprocess_logits) and custom processors, its standard path for a batch that is
+# not all greedy does `logits.div_(temperatures)`, then `logits[:] = softmax(logits)`,
+# `probs = logits`: the tensor ends up holding softmax(processed logits / T), probabilities
+# BEFORE top-k / top-p / min-p, not logits. The token it returns is drawn from those filtered, and
+# the logprob it returns for a token is `torch.log(probs)[token]` (log_softmax of the processed
+# logits without temperature when SGLANG_RETURN_ORIGINAL_LOGPROB is set). An all-greedy batch is
+# argmaxed and its logits stay logits. Other paths (the Ascend backend, the RL on-policy
+# deterministic path) leave other things there; deterministic inference batches are left to
+# SGLang's sampler altogether (sglang_worker._batch_needs_engine_sampler).
+
+def sampled_probs(sampler, sampling_info, tensor):
+    """The probabilities a non-greedy batch was sampled from, as Sampler.forward left them in
+    `next_token_logits` (above), or None where that is not what the tensor holds: an all-greedy
+    batch, a sampler on another path, or rows that are not probability vectors (checked:
+    finite, non-negative, summing to 1 within 1e-3)."""
+    import torch
+
+    if tensor is None or sampling_info.is_all_greedy:
+        return None
+    if getattr(sampler, "use_ascend_backend", False):
+        return None
+    if getattr(sampler, "rl_on_policy_target", None) is not None:
+        return None
+    x = tensor.float()
+    if not bool(torch.isfinite(x).all()) or bool((x < 0).any()):
+        return None
+    if not bool(((x.sum(dim=-1) - 1.0).abs() < 1e-3).all()):
+        return None
+    return x
+
+
+def sampled_token_logprobs(probs, tokens, temperatures):
+    """The logprob SGLang's sampler returns for `tokens` drawn from rows `probs` (sampled_probs)
+    at `temperatures` ([rows] or [rows, 1]): log p[token], or with SGLANG_RETURN_ORIGINAL_LOGPROB
+    the log-softmax of the processed logits without temperature, which is the log-softmax of
+    T * log p (the logits and T * log p differ by a per-row constant)."""
+    import torch
+
+    logp = torch.log(probs)
+    if name("SGLANG_RETURN_ORIGINAL_LOGPROB"):
+        logp = torch.log_softmax(logp * temperatures.reshape(-1, 1).to(logp.dtype), dim=-1)
+    return logp.gather(1, tokens.view(-1, 1).to(torch.long)).view(-1)

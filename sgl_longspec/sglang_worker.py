@@ -40,6 +40,7 @@ from sgl_longspec.draft import Draft
 from sgl_longspec.faults import Faults
 from sgl_longspec.logit_rules import LogitRules, Penalties
 from sgl_longspec.router import Load
+from sgl_longspec.sglang_algo import plain_runs_overlap
 from sgl_longspec.verify import seeded_uniforms, verify_sampling
 from sgl_longspec.tp_sync import RankZeroDecisions, tp_group
 
@@ -452,6 +453,9 @@ class LongSpecWorker(sglang_compat.name("BaseSpecWorker")):
             self.controller.remember_hidden([r.rid for r in batch.reqs],
                                             res.logits_output.hidden_states)
         accept_tokens = torch.zeros(bs, self.window, dtype=torch.int32, device=self.device)
+        # next_token_ids (and next_token_logprobs) are what SGLang's sampler returned (or, for a
+        # seeded request's first token, _seeded_first_tokens' draw); next_token_logits is NOT
+        # read here: after sampling it holds probabilities (sglang_compat.sampled_probs).
         accept_tokens[:, 0] = res.next_token_ids
         accept_lens = torch.ones(bs, dtype=torch.int32, device=self.device)
         return accept_tokens.flatten(), accept_lens
@@ -466,29 +470,48 @@ class LongSpecWorker(sglang_compat.name("BaseSpecWorker")):
                             accept_lens, batch.seq_lens.clone(), res.next_token_ids, on_publish)
 
     def _seeded_first_tokens(self, batch, res) -> None:
-        """The first token of a seeded sampling request, drawn as its later tokens are (SGLang's
-        sampler drew it without the seed). SGLang 0.5.23's sampler leaves the processed logits
-        divided by the temperature in `next_token_logits`: they are sampled at temperature 1
-        with the request's top-k / top-p / min-p."""
+        """The first token of a seeded sampling request, drawn as its later tokens are (with the
+        uniform seeded_uniforms(seed, position)); SGLang's sampler drew it without the seed.
+
+        Read after SGLang's sampler (sglang_compat.sampled_probs, checked there): Sampler.forward
+        has OVERWRITTEN `next_token_logits` in place with softmax(processed logits / T), the
+        probabilities it sampled from (after penalties, grammar, logit bias, custom processors;
+        before top-k / top-p / min-p). They are not logits: the token is drawn from them with the
+        request's top-k / top-p / min-p at temperature 1, passing log p as the logits
+        (softmax(log p) = p), and its logprob is the one SGLang's sampler returns for a token it
+        draws (sglang_compat.sampled_token_logprobs); top / token-id logprobs do not depend on
+        the token. Where the tensor does not hold such probabilities, SGLang's own draw stays:
+        the right law, only not reproducible by the seed (warned once)."""
         info = batch.sampling_info
-        logits = res.logits_output.next_token_logits
-        if logits is None or logits.shape[0] != len(batch.reqs) or info.is_all_greedy:
+        if info.is_all_greedy or _batch_needs_engine_sampler(batch):
+            return  # no sampling; or SGLang's sampler itself draws with the seed / a watermark
+        out = res.logits_output
+        if out.next_token_logits is None or out.next_token_logits.shape[0] != len(batch.reqs):
             return
         rows = [b for b, r in enumerate(batch.reqs) if _seed(r) is not None]
-        idx = torch.tensor(rows, device=logits.device)
-        sub = logits.index_select(0, idx).float()
+        idx = torch.tensor(rows, device=out.next_token_logits.device)
+        probs = sglang_compat.sampled_probs(self.model_runner.sampler, info,
+                                            out.next_token_logits.index_select(0, idx))
+        if probs is None:
+            if not getattr(self, "_warned_seeded_first", False):
+                self._warned_seeded_first = True
+                logger.warning("LONGSPEC: SGLang's sampler left no probabilities to redraw a "
+                               "seeded request's first token from; its own (unseeded) draw is "
+                               "kept")
+            return
         # the position of the token drawn (after a retraction the output re-enters the prefill)
         positions = [len(batch.reqs[b].origin_input_ids) + len(batch.reqs[b].output_ids)
                      for b in rows]
         u = torch.cat([seeded_uniforms(_seed(batch.reqs[b]), [p]) for b, p in zip(rows, positions)])
-        vr = verify_sampling([Draft.empty()] * len(rows), sub, temperature=1.0,
+        vr = verify_sampling([Draft.empty()] * len(rows), torch.log(probs), temperature=1.0,
                              top_k=info.top_ks.view(-1)[idx], top_p=info.top_ps.view(-1)[idx],
                              min_p=info.min_ps.view(-1)[idx], uniforms=u)
-        tokens = torch.tensor([r.bonus_token for r in vr.requests()], device=logits.device)
+        tokens = torch.tensor([r.bonus_token for r in vr.requests()], device=probs.device)
         res.next_token_ids[idx] = tokens.to(res.next_token_ids.dtype)
-        lp = res.logits_output.next_token_logprobs
+        lp = out.next_token_logprobs
         if batch.return_logprob and lp is not None and lp.shape[0] == len(batch.reqs):
-            lp[idx] = torch.log_softmax(sub, -1).gather(1, tokens.view(-1, 1)).view(-1).to(lp.dtype)
+            lp[idx] = sglang_compat.sampled_token_logprobs(
+                probs, tokens, info.temperatures.view(-1)[idx]).to(lp.dtype)
 
     def _window_locs(self, batch) -> torch.Tensor:
         """KV slots the scheduler reserved per request for this step: [bs, window]. They lie
@@ -512,6 +535,14 @@ class LongSpecWorker(sglang_compat.name("BaseSpecWorker")):
 
         The root token's KV goes to the first slot of each request's reserved window, which is
         exactly where a verify step would have left it, so nothing needs moving afterwards.
+
+        SGLang's sampler applies the batch's grammar masks, logit bias and custom processors
+        itself, as in plain decoding. Its penalizers are fed one token per step under speculative
+        decoding (eagle_prepare_for_decode: output_ids[-1]) and so miss the extra tokens of
+        multi-token verify steps: a batch with penalties is never decoded here (LogitRules.
+        stateful sends it to the verify path), except one that needs SGLang's own sampler
+        (watermark, deterministic inference: _batch_needs_engine_sampler), where they are SGLang's
+        relaxed speculative penalties.
         """
         ForwardMode = sglang_compat.name("ForwardMode")
         bs = len(batch.reqs)
@@ -568,6 +599,13 @@ class LongSpecWorker(sglang_compat.name("BaseSpecWorker")):
                 capture_hidden_mode=self._capture_mode(True))
         forward_ms = 1e3 * (time.perf_counter() - t0)
         logits_output = res.logits_output
+        # Read-after assumption (SGLang 0.5.23, TpModelWorker.forward_batch_generation): with
+        # is_verify=True it returns right after the forward, before ModelRunner.sample, so these
+        # are the LogitsProcessor's logits of every verify slot, untouched by SGLang's sampling
+        # path: no penalties, grammar mask, logit bias, custom processor or temperature yet, and
+        # not overwritten by probabilities. Everything plain decoding's sampler would apply is
+        # applied below, in its order (rules, then custom processors); verification and
+        # compute_spec_logprobs then read them as plain decoding's sampler reads its row.
         logits = logits_output.next_token_logits
 
         if plan.rules is not None:
@@ -692,8 +730,15 @@ def _logit_rules(b: int, req, info) -> Optional[LogitRules]:
             stop |= set(getattr(tok, "additional_stop_token_ids", None) or ())
             if getattr(tok, "eos_token_id", None) is not None:
                 stop.add(tok.eos_token_id)
+        # Which tokens SGLang's penalizers count depends on plain decoding's schedule (see
+        # sgl_longspec.logit_rules): under the overlap schedule (SGLang's default, recorded at
+        # launch) its first decode step counts the prompt's last token, origin_input_ids[-1]
+        # as in ScheduleBatch.cumulate_penalty_output_tokens, and the newest output token lags.
+        tail = int(req.origin_input_ids[-1]) if plain_runs_overlap() and req.origin_input_ids \
+            else None
         pen = Penalties(float(sp.frequency_penalty), float(sp.presence_penalty),
-                        float(sp.repetition_penalty), int(sp.min_new_tokens), tuple(sorted(stop)))
+                        float(sp.repetition_penalty), int(sp.min_new_tokens), tuple(sorted(stop)),
+                        prompt_tail=tail)
     bias = None
     if getattr(info, "logit_bias", None) is not None and sp.logit_bias:
         bias = info.logit_bias[b]

@@ -114,24 +114,28 @@ def sample_outputs(srv, params=SAMPLING_PARAMS) -> list[tuple]:
     return outs
 
 
-def sampling_p_values(a: list[tuple], b: list[tuple]) -> list[float]:
-    """Two-sample chi-square p-values: the joint law of the first 3 tokens, then the marginal
-    law of each later position (rare outcomes pooled so expected counts stay >= 5)."""
+def two_sample_p(xa: list, xb: list) -> float:
+    """Two-sample chi-square p-value of the laws of two samples of outcomes (rare outcomes
+    pooled so expected counts stay >= 5)."""
     from scipy.stats import chi2_contingency
 
-    def p_value(xa, xb):
-        ca, cb = Counter(xa), Counter(xb)
-        rows, other = [], [0, 0]
-        for k in sorted(set(ca) | set(cb), key=lambda k: -(ca[k] + cb[k])):
-            if ca[k] + cb[k] >= 10:
-                rows.append([ca[k], cb[k]])
-            else:
-                other[0] += ca[k]
-                other[1] += cb[k]
-        if sum(other):
-            rows.append(other)
-        return 1.0 if len(rows) < 2 else float(chi2_contingency(rows)[1])
+    ca, cb = Counter(xa), Counter(xb)
+    rows, other = [], [0, 0]
+    for k in sorted(set(ca) | set(cb), key=lambda k: -(ca[k] + cb[k])):
+        if ca[k] + cb[k] >= 10:
+            rows.append([ca[k], cb[k]])
+        else:
+            other[0] += ca[k]
+            other[1] += cb[k]
+    if sum(other):
+        rows.append(other)
+    return 1.0 if len(rows) < 2 else float(chi2_contingency(rows)[1])
 
+
+def sampling_p_values(a: list[tuple], b: list[tuple]) -> list[float]:
+    """Two-sample chi-square p-values: the joint law of the first 3 tokens, then the marginal
+    law of each later position."""
+    p_value = two_sample_p
     ps = [p_value([o[:3] for o in a], [o[:3] for o in b])]
     for pos in range(3, SAMPLING_LEN):
         ps.append(p_value([o[pos] if len(o) > pos else -1 for o in a],
