@@ -332,6 +332,20 @@ def pytest_runtest_makereport(item, call):
             ))
 
 
+# ------------------------------------------------------------------------------- hypothesis
+# Property tests draw the same examples on every run and machine (derandomized, no example
+# database carried between runs): a failure reproduces anywhere, and CI cannot fail on a draw the
+# developer never saw. HYPOTHESIS_PROFILE=explore draws afresh each run, for hunting new cases.
+try:
+    from hypothesis import settings as _hypothesis_settings
+
+    _hypothesis_settings.register_profile("hermetic", derandomize=True, database=None)
+    _hypothesis_settings.register_profile("explore", derandomize=False)
+    _hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "hermetic"))
+except ImportError:  # pragma: no cover - the test extra installs it
+    pass
+
+
 # ------------------------------------------------------------------------------- environment line
 # Named in one line at the end of every run, so that a failure names the environment it ran in
 # (requirements/cpu.lock pins them; a line that differs from the lock says the install drifted).

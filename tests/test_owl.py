@@ -374,18 +374,26 @@ def test_fit_context_ids_has_exactly_the_requested_length(chat_tokenizer, pieces
 
     tok = chat_tokenizer
     head, tail = owl_data.chat_template_around(tok, question)
-    ctx = [t for p in pieces for t in tok(p + "\n\n", add_special_tokens=False)["input_ids"]]
-    n = len(head) + len(tail) + min(extra, len(ctx))
-    if len(ctx) == 0:
+    per_piece = [tok(p + "\n\n", add_special_tokens=False)["input_ids"] for p in pieces]
+    total = sum(map(len, per_piece))
+    budget = min(extra, total)
+    n = len(head) + len(tail) + budget
+    if total == 0:
         with pytest.raises(ValueError):
             owl_data.fit_context_ids(tok, pieces, question, n)
         return
     ids = owl_data.fit_context_ids(tok, pieces, question, n)
     assert len(ids) == n
     assert ids[:len(head)] == head and ids[len(ids) - len(tail):] == tail
-    assert ids[len(head):len(ids) - len(tail)] == ctx[len(ctx) - (n - len(head) - len(tail)):]
+    # the context: the last `budget` tokens of the first pieces that hold at least `budget`
+    ctx: list[int] = []
+    for p in per_piece:
+        ctx += p
+        if len(ctx) >= budget:
+            break
+    assert ids[len(head):len(ids) - len(tail)] == ctx[len(ctx) - budget:]
     with pytest.raises(ValueError):  # more context than the pieces hold
-        owl_data.fit_context_ids(tok, pieces, question, len(head) + len(tail) + len(ctx) + 1)
+        owl_data.fit_context_ids(tok, pieces, question, len(head) + len(tail) + total + 1)
 
 
 def test_fit_context_ids_renders_the_chat_template(chat_tokenizer):
