@@ -13,7 +13,8 @@ from test_longspec import CODE_SNIPPET, LONGSPEC_ARGS, chat
 
 pytestmark = pytest.mark.server
 
-# ~700 tokens of shared context: well past the backend's 256-slot threshold.
+# ~700 tokens of shared context, past the 256-slot threshold this server is given (the default,
+# 3072, would need a longer context than this test can afford on two cores).
 CONTEXT = "Here is our repository's utility module:\n" + "\n".join(
     CODE_SNIPPET.replace("merge_sorted", f"merge_sorted_{i}") for i in range(4))
 QUESTIONS = ["Repeat merge_sorted_1 exactly.", "Repeat merge_sorted_2 exactly.",

@@ -40,10 +40,11 @@ from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
 from sgl_longspec.cascade import shared_prefix_groups
 
-# Shortest shared run of KV slots worth a cascade level: below it the extra batched product and
-# merge cost more than re-reading the run per request (measured on this 2-core CPU: see
-# benchmarks/bench_cascade_cpu.py). 0 turns the shared level off.
-CASCADE_MIN_SHARED = int(os.environ.get("LONGSPEC_CASCADE_MIN_SHARED", "256"))
+# Shortest shared run of KV slots worth a cascade level: the level costs a fixed amount per request
+# (an extra attention call and an LSE merge), so below ~1K slots it loses, and the crossover falls
+# with the group's size (~3K slots for 2 requests, ~1K for 16). 3072 gains for every group size
+# measured on this 2-core CPU (benchmarks/results/cascade_cpu/). 0 turns the shared level off.
+CASCADE_MIN_SHARED = int(os.environ.get("LONGSPEC_CASCADE_MIN_SHARED", "3072"))
 
 
 @dataclass
