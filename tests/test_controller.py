@@ -322,6 +322,25 @@ def test_fault_spec_parsing():
     assert f.injected == {"verify": 1}
 
 
+def test_fault_points_draw_from_their_own_streams():
+    """Whether a point fires on its k-th visit depends on the seed and k only, not on the visits
+    of other points (which vary with batching): the server fault test relies on it."""
+    from sgl_longspec.faults import Faults
+    from test_longspec import FAULT_FIRST_VISIT, FAULT_SEED, FAULT_SPEC
+
+    def first_fire(f, point, other_visits):
+        for k in range(1, 1000):
+            for _ in range(other_visits):
+                f.fires("verify" if point != "verify" else "index")
+            if f.fires(point):
+                return k
+    for point, k in FAULT_FIRST_VISIT.items():
+        assert {first_fire(Faults(FAULT_SPEC, seed=FAULT_SEED), point, n) for n in (0, 1, 3)} == {k}
+    # Another seed gives another schedule (the seed is used).
+    assert any(first_fire(Faults(FAULT_SPEC, seed=FAULT_SEED + 1), p, 0) != k
+               for p, k in FAULT_FIRST_VISIT.items())
+
+
 def test_injected_verify_fault_is_counted():
     from sgl_longspec.faults import Faults
 
