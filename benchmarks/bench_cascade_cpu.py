@@ -25,6 +25,8 @@ from types import SimpleNamespace
 
 import torch
 
+from sgl_longspec.verify.layout import VerifyLayout
+
 HQ, HKV, D = 9, 3, 64  # SmolLM2-135M-Instruct
 OWN = 64  # slots of each request's own (recent turns) beyond the shared run
 TREE = 8  # verify: draft-tree size per request
@@ -82,7 +84,7 @@ def time_cell(attn, mode: str, n_req: int, shared: int, scattered: bool, min_sha
         tri = torch.ones(new, new, dtype=torch.bool).tril()
         fb = SimpleNamespace(forward_mode=ForwardMode.TARGET_VERIFY, encoder_lens=None, req_pool_indices=rows,
                              seq_lens=seq, seq_lens_cpu=seq, out_cache_loc=torch.tensor([x for o in news for x in o]),
-                             spec_info=SimpleNamespace(tree_masks=[tri] * n_req))
+                             spec_info=SimpleNamespace(layout=VerifyLayout([tri] * n_req, seq.tolist())))
     layer = SimpleNamespace(tp_q_head_num=HQ, tp_k_head_num=HKV, qk_head_dim=D, v_head_dim=D,
                             scaling=D ** -0.5, layer_id=0, is_cross_attention=False,
                             attn_type=AttentionType.DECODER, sliding_window_size=None, logit_cap=0)
@@ -110,7 +112,7 @@ def main(argv=None) -> int:
     from sgl_longspec import cpu
 
     cpu.prepare_environment()
-    from sgl_longspec.cpu import attention as attn
+    from sgl_longspec.attention import cpu_hybrid as attn
 
     torch.set_num_threads(2)
     rows = []

@@ -6,7 +6,7 @@ request, with logprobs, and in mixed batches.
 Workload: the tool-JSON agent of ``benchmarks.workloads`` (a real standard-library module's
 function index as a tool result; the reply is a JSON tool call carrying an updated copy of it),
 first turns only, every request constrained to the tool-call JSON schema below (xgrammar, SGLang's
-default grammar backend). Both servers (``sgl_longspec.cli.start_server``: vanilla, then
+default grammar backend). Both servers (``sgl_longspec.tools.cli.start_server``: vanilla, then
 ``--speculative-algorithm LONGSPEC``) replay the same requests in the same order, greedy. Every
 cell runs on a freshly started server: LONGSPEC's global suffix tree keeps past outputs (across
 requests, by design), so a request replayed on a warm server would draft its own earlier output.

@@ -11,7 +11,7 @@ does not have), while the repository on disk holds the code exactly as the model
 The repository is a folder with a copy of every module of ``workloads.STDLIB_MODULES`` (~80 files),
 indexed at start with ``--longspec-corpus``; no prompt holds its text in that form.
 
-Servers (each freshly started, ``sgl_longspec.cli.start_server``, the same requests in the same
+Servers (each freshly started, ``sgl_longspec.tools.cli.start_server``, the same requests in the same
 order, greedy, float32): ``vanilla``; ``longspec`` (defaults); ``longspec+corpus`` (defaults +
 ``--longspec-corpus <repository>``). Cells: c1 (one request at a time) and c4 (four in flight,
 other seeded requests). Printed and saved: tok/s, speedup over vanilla, tau (completion tokens /

@@ -30,8 +30,8 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sgl_longspec.cli import start_server, stop_server, wait_healthy  # noqa: E402
-from sgl_longspec.models import ensure_embedded_model  # noqa: E402
+from sgl_longspec.tools.cli import start_server, stop_server, wait_healthy  # noqa: E402
+from sgl_longspec.tools.models import ensure_embedded_model  # noqa: E402
 
 NGRAM = ["--speculative-algorithm", "NGRAM", "--speculative-num-draft-tokens", "8"]
 LONGSPEC = ["--speculative-algorithm", "LONGSPEC"]

@@ -1,4 +1,4 @@
-"""Side-by-side benchmark: sgl_longspec.suffix_index.SuffixIndex vs ArcticInference 0.3.0's
+"""Side-by-side benchmark: sgl_longspec.drafters.suffix_index.SuffixIndex vs ArcticInference 0.3.0's
 SuffixDecodingCache, on the same real token streams in one run.
 
 Token streams (default model tokenizer, SmolLM2-135M-Instruct from the embedded GGUF):
@@ -46,7 +46,7 @@ TREE_NODES = 64
 def load_tokenizer():
     from tokenizers import Tokenizer
 
-    from sgl_longspec.models import ensure_embedded_model
+    from sgl_longspec.tools.models import ensure_embedded_model
 
     tok = Tokenizer.from_file(str(Path(ensure_embedded_model()) / "tokenizer.json"))
     return lambda text: tok.encode(text, add_special_tokens=False).ids
@@ -67,7 +67,7 @@ def repo_stream(encode, n_tokens: int, skip_files: int = 0) -> np.ndarray:
 
 def sharegpt_conversations(limit: int, min_gpt_turns: int = 2) -> list[list[tuple[str, str]]]:
     """First `limit` conversations with >= min_gpt_turns replies."""
-    from sgl_longspec.sharegpt import iter_sharegpt
+    from sgl_longspec.tools.sharegpt import iter_sharegpt
 
     out: list[list[tuple[str, str]]] = []
     for rec in iter_sharegpt():
@@ -94,7 +94,7 @@ class Ours:
     name = "sgl_longspec"
 
     def __init__(self, max_cached: int = 100000):
-        from sgl_longspec.suffix_index import SuffixIndex
+        from sgl_longspec.drafters.suffix_index import SuffixIndex
 
         self.idx = SuffixIndex(max_depth=DEPTH, max_cached_responses=max_cached,
                                max_cache_bytes=1 << 40)

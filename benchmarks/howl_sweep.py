@@ -2,7 +2,7 @@
 
 The target (default: SmolLM2-135M-Instruct, float32, Hugging Face transformers) decodes each prompt
 greedily once, recording the hidden state behind every generated token
-(`sgl_longspec.owl.evaluate.greedy_record`). The replay then walks each generation the way the
+(`sgl_longspec.training.owl_evaluate.greedy_record`). The replay then walks each generation the way the
 LONGSPEC worker would: at every step the suffix index (prompt + output so far, plus the global tree
 of earlier outputs) and the OWL drafter (from the recorded hidden state) each propose a draft, the
 policy picks one, and greedy verification accepts the longest path of the draft that matches the
@@ -10,7 +10,7 @@ recorded continuation; the step advances by accepted + 1 (the bonus token). tau 
 / steps. The same recording serves every policy, so the comparison is exact and cheap.
 
 Policies: suffix only; OWL only; HOWL(T): the suffix draft when its score >= T, else the OWL tree
-(sgl_longspec.router.Router.pick). Workloads: code edit (return a stdlib function with a rename),
+(sgl_longspec.step.router.Router.pick). Workloads: code edit (return a stdlib function with a rename),
 tool-call JSON, ShareGPT chat, long single-turn prompts (1K/2K/4K/8K tokens, 2 each).
 
     .venv/bin/python -m benchmarks.howl_sweep [--new-tokens 96] [--out benchmarks/results/howl]
@@ -28,14 +28,14 @@ from pathlib import Path
 
 import torch
 
-from sgl_longspec.draft import Draft
-from sgl_longspec.owl import data as owl_data
-from sgl_longspec.owl import shipped_checkpoint
-from sgl_longspec.owl.evaluate import greedy_record, long_prompt_ids
-from sgl_longspec.owl.model import load_drafter
-from sgl_longspec.owl.train import load_target
-from sgl_longspec.router import Router, RouterConfig
-from sgl_longspec.suffix_index import SuffixIndex, SuffixIndexConfig
+from sgl_longspec.drafters.draft import Draft
+from sgl_longspec.training import owl_data
+from sgl_longspec.drafters.owl import shipped_checkpoint
+from sgl_longspec.training.owl_evaluate import greedy_record, long_prompt_ids
+from sgl_longspec.drafters.owl.model import load_drafter
+from sgl_longspec.training.owl_train import load_target
+from sgl_longspec.step.router import Router, RouterConfig
+from sgl_longspec.drafters.suffix_index import SuffixIndex, SuffixIndexConfig
 
 THRESHOLDS = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
 MAX_SPEC = 15

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import requests
 
-from sgl_longspec.cli import start_server, stop_server, wait_healthy
+from sgl_longspec.tools.cli import start_server, stop_server, wait_healthy
 
 CODE = Path(os.__file__).read_text()[:3000]
 PROMPTS = {

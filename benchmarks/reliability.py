@@ -5,7 +5,7 @@ against one LONGSPEC server; nothing may be lost, wrong or leaked.
     python -m benchmarks.reliability --clients 8 --minutes 1 --out /tmp/rel           # a short run
 
 1. A LONGSPEC server (the embedded model, float32) starts with fault injection on
-   (``LONGSPEC_INJECT_FAULTS``, every point of ``sgl_longspec.faults``) and its stats snapshot
+   (``LONGSPEC_INJECT_FAULTS``, every point of ``sgl_longspec.step.faults``) and its stats snapshot
    (``LONGSPEC_STATS_FILE``). Warm-up: one burst of concurrent requests of every kind, then the
    idle baseline (below).
 2. ``--clients`` threads send requests back to back for ``--minutes`` (loopback only). A request is

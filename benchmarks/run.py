@@ -7,7 +7,7 @@
     python -m benchmarks.run --quick --bench-serving      # also sglang.benchmark.serving per config
     python -m benchmarks.run --export-agentic-trace trace.json   # agent sessions for bench_serving
 
-For every configuration (``--configs``) the server is started once (``sgl_longspec.cli.start_server``,
+For every configuration (``--configs``) the server is started once (``sgl_longspec.tools.cli.start_server``,
 its own process group, always stopped), warmed up, and every workload (``benchmarks.workloads``) is
 replayed at every concurrency level. Prompts are sent as token ids to ``/generate`` (streamed, greedy)
 so TTFT, time per output token and SGLang's per-request ``meta_info`` (``completion_tokens``,
@@ -292,7 +292,7 @@ def build_sessions(tok, spec: WorkloadSpec, concurrency: int, seed: int, context
 
 def drafter_available(model: Optional[str]) -> bool:
     try:
-        from sgl_longspec.owl import SHIPPED_CHECKPOINTS, shipped_checkpoint
+        from sgl_longspec.drafters.owl import SHIPPED_CHECKPOINTS, shipped_checkpoint
     except Exception:  # noqa: BLE001
         return False
     name = model or DEFAULT_MODEL
@@ -308,7 +308,7 @@ class Server:
         self.base_url = f"http://127.0.0.1:{port}"
 
     def __enter__(self):
-        from sgl_longspec.cli import start_server, wait_healthy
+        from sgl_longspec.tools.cli import start_server, wait_healthy
 
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "wb")
@@ -324,7 +324,7 @@ class Server:
         return self
 
     def __exit__(self, *exc):
-        from sgl_longspec.cli import stop_server
+        from sgl_longspec.tools.cli import stop_server
 
         if self.proc is not None:
             stop_server(self.proc)
@@ -396,7 +396,7 @@ AGENT_WORKLOADS = ("code_edit", "tool_json")
 def export_agentic_trace(phases: list[Phase], path: Path, seed: int) -> int:
     """The agent sessions (code edit, tool JSON) of the preset, exactly as ``run_phase`` builds them
     at concurrency 1, written for ``sglang.bench_serving --dataset-name agentic-trace``."""
-    from sgl_longspec.models import resolve_model_path
+    from sgl_longspec.tools.models import resolve_model_path
 
     sessions, model = [], None
     for ph in phases:
@@ -424,7 +424,7 @@ def export_agentic_trace(phases: list[Phase], path: Path, seed: int) -> int:
 
 
 def run_phase(phase: Phase, args, out_dir: Path, results: dict) -> None:
-    from sgl_longspec.models import resolve_model_path
+    from sgl_longspec.tools.models import resolve_model_path
     from tqdm import tqdm
 
     model_folder = str(resolve_model_path(phase.model))

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from sgl_longspec.sharegpt import iter_sharegpt, sharegpt_path  # noqa: F401 (re-exported)
+from sgl_longspec.tools.sharegpt import iter_sharegpt, sharegpt_path  # noqa: F401 (re-exported)
 
 # --------------------------------------------------------------------------------------------
 # Data types

@@ -1,4 +1,4 @@
-// Compiled core of sgl_longspec.suffix_index: depth-capped, path-compressed suffix trees with
+// Compiled core of sgl_longspec.drafters.suffix_index: depth-capped, path-compressed suffix trees with
 // occurrence counts, used to draft continuations of a request's token sequence (SuffixDecoding).
 //
 // Semantics (identical to tests/suffix_reference.py):
@@ -1166,7 +1166,7 @@ class Core {
 }  // namespace lsx
 
 PYBIND11_MODULE(_suffix_core, m) {
-  m.doc() = "Compiled suffix-tree draft index (see sgl_longspec.suffix_index)";
+  m.doc() = "Compiled suffix-tree draft index (see sgl_longspec.drafters.suffix_index)";
   m.attr("__version__") = "1";
   py::class_<lsx::Core>(m, "Core")
       .def(py::init<int, int64_t>(), py::arg("max_depth"), py::arg("vocab_size"))

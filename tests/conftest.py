@@ -9,7 +9,7 @@ Fixtures
 ``launch_server(extra_args=(), *, model_path=None, env=None, startup_timeout=None) -> ServerHandle``
     Factory (function scope, backed by the session-wide ``server_pool``). ``extra_args`` are passed
     to ``sgl-longspec serve`` / ``sglang.launch_server`` unchanged, on top of the CPU defaults of
-    ``sgl_longspec.cli.CPU_DEFAULTS`` (``--dtype float32`` etc.). The same (model_path, args, env)
+    ``sgl_longspec.tools.cli.CPU_DEFAULTS`` (``--dtype float32`` etc.). The same (model_path, args, env)
     returns the already running server. ``env`` adds environment variables for that server only.
     Example (another algorithm)::
 
@@ -124,7 +124,7 @@ class ServerHandle:
 
 
 def _stop(handle: ServerHandle) -> None:
-    from sgl_longspec.cli import stop_server
+    from sgl_longspec.tools.cli import stop_server
 
     stop_server(handle.proc)
     # The launcher may exit before its scheduler/detokenizer children: clear the whole group
@@ -185,8 +185,8 @@ class ServerPool:
         return self._start(key, model_path, args, env, startup_timeout or STARTUP_TIMEOUT, bare)
 
     def _start(self, key, model_path, args, env, timeout, bare=False) -> ServerHandle:
-        from sgl_longspec.cli import start_server, wait_healthy
-        from sgl_longspec.models import ModelError
+        from sgl_longspec.tools.cli import start_server, wait_healthy
+        from sgl_longspec.tools.models import ModelError
 
         port = free_port()
         log_path = self.log_dir / f"server-{len(self.started)}-{port}.log"
@@ -246,7 +246,7 @@ class ServerPool:
 def _start_bare(model_path, port, args, log):
     import sys
 
-    from sgl_longspec.models import resolve_model_path
+    from sgl_longspec.tools.models import resolve_model_path
 
     path = str(resolve_model_path(model_path))
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", path, "--host", HOST,

@@ -1,4 +1,4 @@
-"""Brute-force reference for sgl_longspec.suffix_index: the same drafts, computed by scanning the
+"""Brute-force reference for sgl_longspec.drafters.suffix_index: the same drafts, computed by scanning the
 raw token sequences (no tree). Slow (O(text * depth) per match length); for tests only.
 
 Semantics, shared with the compiled index:

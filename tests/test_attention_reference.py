@@ -260,9 +260,9 @@ def test_dense_baseline_equals_hybrid(dtype):
 
 
 def test_hybrid_with_draft_tree_mask_layout():
-    """The mask the verifier builds (sgl_longspec.draft.Draft.tree_mask, root in slot 0) works as is."""
+    """The mask the verifier builds (sgl_longspec.drafters.draft.Draft.tree_mask, root in slot 0) works as is."""
     np = pytest.importorskip("numpy")
-    draft_mod = pytest.importorskip("sgl_longspec.draft")
+    draft_mod = pytest.importorskip("sgl_longspec.drafters.draft")
     d = draft_mod.Draft(np.arange(6), np.array([-1, 0, 0, 1, -1, 4]))
     tm = torch.from_numpy(d.tree_mask(include_root=True))
     n = tm.shape[0]

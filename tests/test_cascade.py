@@ -1,4 +1,4 @@
-"""Cascade attention over radix-shared prefixes: the grouping (sgl_longspec.cascade) against brute
+"""Cascade attention over radix-shared prefixes: the grouping (sgl_longspec.attention.cascade) against brute
 force, and the CPU backend's three-level attention (shared prefix, own prefix, new tokens) against
 dense attention, for decode, verify and extend batches with random groupings."""
 
@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flashinfer_ext.reference import tree_mask_from_parents
-from sgl_longspec.cascade import common_prefix_len, shared_prefix_groups
+from sgl_longspec.attention.cascade import common_prefix_len, shared_prefix_groups
+from sgl_longspec.verify.layout import VerifyLayout
 from test_cpu_ops import _FakeKVPool
 
 
@@ -77,7 +78,7 @@ def attn():
     from sgl_longspec import cpu
 
     cpu.prepare_environment()
-    from sgl_longspec.cpu import attention
+    from sgl_longspec.attention import cpu_hybrid as attention
 
     return attention
 
@@ -151,7 +152,7 @@ def test_backend_cascade_equals_dense_attention(attn, monkeypatch, mode, seed):
                              seq_lens_cpu=torch.tensor([s + n for s, n in zip(seq, new_lens)]) if mode == "extend"
                              else torch.tensor(seq),
                              extend_prefix_lens_cpu=seq, extend_seq_lens_cpu=new_lens,
-                             spec_info=SimpleNamespace(tree_masks=masks))
+                             spec_info=SimpleNamespace(layout=VerifyLayout(masks, list(seq))))
     before = dict(attn.CASCADE_COUNTS)
     backend.init_forward_metadata(fb)
     sharers = sum(1 for c in committed if len(c) >= 3 and c[:3] == run[:3])

@@ -85,7 +85,7 @@ def _answer(res: dict) -> tuple:
 def tokenizer(server_pool):
     from transformers import AutoTokenizer
 
-    from sgl_longspec.models import resolve_model_path
+    from sgl_longspec.tools.models import resolve_model_path
 
     return AutoTokenizer.from_pretrained(str(resolve_model_path(None)))
 
@@ -152,8 +152,8 @@ def check_clean(srv, stats_file: Path) -> dict:
 def test_drafts_never_pass_the_kv_room():
     """The controller drafts within RequestView.room (what the request's reserved KV window, its
     req_to_token row and the context leave): fewer tokens near the end, none at 0, counted."""
-    from sgl_longspec.config import LongSpecConfig
-    from sgl_longspec.controller import LongSpecController, RequestView
+    from sgl_longspec.adapter.config import LongSpecConfig
+    from sgl_longspec.step.controller import LongSpecController, RequestView
 
     ctl = LongSpecController(LongSpecConfig(drafter_path="none", cost_aware=False), window=WINDOW)
     unit = [11, 12, 13, 14, 15, 16, 17]
@@ -200,14 +200,15 @@ def test_gpu_verify_plan_refuses_slots_past_the_row():
     is refused (a short slice would shift every later request's tree KV), an exact fit taken."""
     import torch
 
-    from sgl_longspec.gpu_attention import hybrid_verify_plan_args
+    from sgl_longspec.attention.flashinfer_hybrid import hybrid_verify_plan_args
+    from sgl_longspec.verify.layout import VerifyLayout
 
     table = torch.arange(2 * 12, dtype=torch.int32).view(2, 12)
     masks = [torch.ones(3, 3, dtype=torch.bool).tril()]
-    args = hybrid_verify_plan_args(masks, [9], [1], table)
+    args = hybrid_verify_plan_args(VerifyLayout(masks, [9]), [1], table)
     assert args["tree_kv_indices"].tolist() == [21, 22, 23]
     with pytest.raises(IndexError, match="row of 12"):
-        hybrid_verify_plan_args(masks, [10], [1], table)
+        hybrid_verify_plan_args(VerifyLayout(masks, [10]), [1], table)
 
 
 def test_longspec_rows_hold_the_decode_reservation(monkeypatch):
@@ -215,7 +216,11 @@ def test_longspec_rows_hold_the_decode_reservation(monkeypatch):
     LONGSPEC server only, and its target exists in this SGLang."""
     import pkgutil
 
-    from sgl_longspec import cpu, sglang_algo, sglang_compat
+    from sgl_longspec import cpu
+
+    from sgl_longspec.adapter import algorithm as sglang_algo
+
+    from sgl_longspec.adapter import sglang_compat
 
     cpu.prepare_environment()
     assert callable(pkgutil.resolve_name(sglang_compat.REQ_TO_TOKEN_EXTRA))

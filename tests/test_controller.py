@@ -16,10 +16,11 @@ from hypothesis import strategies as st
 import pytest
 import torch
 
-from sgl_longspec.config import LongSpecConfig
-from sgl_longspec.controller import LongSpecController, RequestView, SamplingParams, verify_layout
-from sgl_longspec.draft import Draft
-from sgl_longspec.router import Load, Router, RouterConfig
+from sgl_longspec.adapter.config import LongSpecConfig
+from sgl_longspec.step.controller import LongSpecController, RequestView, SamplingParams
+from sgl_longspec.verify.layout import VerifyLayout
+from sgl_longspec.drafters.draft import Draft
+from sgl_longspec.step.router import Load, Router, RouterConfig
 
 VOCAB = 64
 
@@ -57,7 +58,8 @@ def run_step(ctl: LongSpecController, reqs: list[FakeRequest], plain_only=False,
         ctl.record_step("plain", len(reqs), 100.0, 100.0)
         return plan.drafts
     seq_lens = [len(r.prompt) + len(r.output) - 1 for r in reqs]
-    ids, pos, masks = verify_layout(plan.drafts, seq_lens, [r.output[-1] for r in reqs])
+    layout = VerifyLayout.build(plan.drafts, seq_lens, [r.output[-1] for r in reqs])
+    ids, pos, masks = layout.token_ids, layout.positions, layout.tree_masks
     rows = []
     for r, d in zip(reqs, plan.drafts):
         base = r.prompt + r.output
@@ -300,7 +302,8 @@ def test_sampling_verify_accepts_a_certain_draft():
 @pytest.mark.parametrize("bs", [1, 3])
 def test_verify_layout_positions_follow_tree_depth(bs):
     drafts = [Draft([5, 6, 7], [-1, 0, -1]), Draft.empty(), Draft.chain([1, 2])][:bs]
-    ids, pos, masks = verify_layout(drafts, [10, 20, 30][:bs], [9, 8, 7][:bs])
+    layout = VerifyLayout.build(drafts, [10, 20, 30][:bs], [9, 8, 7][:bs])
+    ids, pos, masks = layout.token_ids, layout.positions, layout.tree_masks
     assert ids[:4] == [9, 5, 6, 7] and pos[:4] == [10, 11, 12, 11]
     if bs == 3:
         assert ids[4:] == [8, 7, 1, 2] and pos[4:] == [20, 30, 31, 32]
@@ -308,7 +311,7 @@ def test_verify_layout_positions_follow_tree_depth(bs):
 
 
 def test_fault_spec_parsing():
-    from sgl_longspec.faults import Faults, InjectedFault, parse
+    from sgl_longspec.step.faults import Faults, InjectedFault, parse
 
     assert parse("verify:0.5, index") == {"verify": 0.5, "index": 1.0}
     with pytest.raises(ValueError, match="unknown fault point"):
@@ -325,7 +328,7 @@ def test_fault_spec_parsing():
 def test_fault_points_draw_from_their_own_streams():
     """Whether a point fires on its k-th visit depends on the seed and k only, not on the visits
     of other points (which vary with batching): the server fault test relies on it."""
-    from sgl_longspec.faults import Faults
+    from sgl_longspec.step.faults import Faults
     from test_longspec import FAULT_FIRST_VISIT, FAULT_SEED, FAULT_SPEC
 
     def first_fire(f, point, other_visits):
@@ -342,7 +345,7 @@ def test_fault_points_draw_from_their_own_streams():
 
 
 def test_injected_verify_fault_is_counted():
-    from sgl_longspec.faults import Faults
+    from sgl_longspec.step.faults import Faults
 
     ctl = LongSpecController(LongSpecConfig(drafter_path="none"), window=16,
                              faults=Faults("verify:1", seed=0))
@@ -401,8 +404,8 @@ def rules_step(ctl, reqs):
     """run_step with logit rules: the plain path applies each request's rules to its one row
     (SGLang's sampler), the verify path applies the plan's rules to every verify row; the
     scheduler then advances each grammar over the emitted tokens."""
-    from sgl_longspec.draft import Draft as D
-    from sgl_longspec.logit_rules import StepRules, grammar_prune
+    from sgl_longspec.drafters.draft import Draft as D
+    from sgl_longspec.verify.logit_rules import StepRules, grammar_prune
 
     views = [RequestView(r.rid, r.prompt, r.output, r.max_new - len(r.output), handle=r,
                          rules=r.rules) for r in reqs]
@@ -439,7 +442,7 @@ def test_grammar_and_penalties_follow_plain_decoding_on_every_row():
     and one with a frequency penalty strong enough to change every repeated token: LONGSPEC's
     output equals a one-token-at-a-time decode with the same rules, drafts were pruned to the
     grammar, drafts were accepted, and each grammar ends where the scheduler left it."""
-    from sgl_longspec.logit_rules import LogitRules, Penalties
+    from sgl_longspec.verify.logit_rules import LogitRules, Penalties
 
     def make(rid, seed, rules):
         prompt, cont = repetitive(seed, 6, 5, 30)
@@ -449,8 +452,8 @@ def test_grammar_and_penalties_follow_plain_decoding_on_every_row():
         return r
 
     def plain_reference(r):
-        from sgl_longspec.draft import Draft as D
-        from sgl_longspec.logit_rules import StepRules, grammar_prune
+        from sgl_longspec.drafters.draft import Draft as D
+        from sgl_longspec.verify.logit_rules import StepRules, grammar_prune
 
         out, g = [], r.rules.grammar if r.rules else None
         while len(out) < r.max_new:
@@ -496,7 +499,7 @@ def test_circuit_breaker_stops_a_failing_drafter_and_retries_later():
     """A drafter that fails for every request trips the breaker after 5 failures: it is not
     called during the cooldown, is retried afterwards, and a second trip waits twice as long.
     Outputs stay exact throughout."""
-    from sgl_longspec.controller import CircuitBreaker
+    from sgl_longspec.step.controller import CircuitBreaker
 
     ctl = controller()
     calls = []
@@ -578,3 +581,20 @@ def test_external_corpus_drafts_text_no_prompt_held():
     assert ctl.stats()["corpus_tokens"] == {"repo": 320}
     plain = run(False)
     assert "corpus" not in plain.counters.by_source and plain.counters.accepted < accepted / 4
+
+
+def test_controller_drafts_from_the_parts_it_is_given():
+    """The suffix index, corpus and router passed in are the ones the step uses: a corpus that
+    holds the request's continuation drafts it, and the given router's refusals are counted."""
+    from sgl_longspec.drafters.corpus import SuffixCorpus
+    from sgl_longspec.step.controller import build_corpus, build_router, build_suffix_index
+
+    cfg = LongSpecConfig(drafter_path="none", global_cache_requests=0)
+    corpus, router, index = build_corpus(cfg), build_router(cfg), build_suffix_index(cfg)
+    assert isinstance(corpus, SuffixCorpus)
+    corpus.add("doc", [[50, 51, 52, 53, 54, 55, 56, 57]])
+    ctl = LongSpecController(cfg, window=16, index=index, corpus=corpus, router=router)
+    assert ctl.corpus is corpus and ctl.router is router and ctl.index is index
+    view = RequestView("r", prompt=[7, 8, 50, 51, 52], output=[53], handle="r", remaining=10)
+    plan = ctl.plan_step([view])
+    assert plan.drafts[0].source == "corpus" and plan.drafts[0].token_ids.tolist()[:3] == [54, 55, 56]

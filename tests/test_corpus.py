@@ -1,4 +1,4 @@
-"""The external corpus (sgl_longspec.corpus): drafts from a context alone against the brute-force
+"""The external corpus (sgl_longspec.drafters.corpus): drafts from a context alone against the brute-force
 reference, chunking that keeps every short match, the FIFO byte bound, corpus ids, and the file
 walker used by --longspec-corpus."""
 
@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from suffix_reference import count_occurrences, speculate_seqs  # noqa: E402
 
-from sgl_longspec.corpus import SuffixCorpus, iter_text_files, load_paths  # noqa: E402
-from sgl_longspec.suffix_index import SuffixIndex  # noqa: E402
+from sgl_longspec.drafters.corpus import SuffixCorpus, iter_text_files, load_paths  # noqa: E402
+from sgl_longspec.drafters.suffix_index import SuffixIndex  # noqa: E402
 
 SETTINGS = settings(max_examples=80, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])

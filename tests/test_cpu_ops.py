@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from sgl_longspec.cpu import ops
+from sgl_longspec.verify.layout import VerifyLayout
 
 SEEDS = list(range(12))
 
@@ -322,7 +323,7 @@ def attn():
     from sgl_longspec import cpu
 
     cpu.prepare_environment()
-    from sgl_longspec.cpu import attention
+    from sgl_longspec.attention import cpu_hybrid as attention
 
     return attention
 
@@ -357,7 +358,8 @@ def test_verify_layout_both_ngram_layouts(attn, seed):
             assert g_.dtype == torch.bool and torch.equal(g_, m)
     # LONGSPEC's compact ragged masks are passed through
     ragged = [torch.ones(k, k, dtype=torch.bool).tril() for k in (3, 1, 5)[:bs]]
-    q_lens, got = attn._verify_layout(SimpleNamespace(tree_masks=ragged), seq_lens[: len(ragged)])
+    layout = VerifyLayout(ragged, list(seq_lens[: len(ragged)]))
+    q_lens, got = attn._verify_layout(SimpleNamespace(layout=layout), seq_lens[: len(ragged)])
     assert q_lens == [m.shape[0] for m in ragged]
     assert all(g_ is m for g_, m in zip(got, ragged))
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port
-from sgl_longspec.cli import DEMO_FILE, DEMO_RENAME, check_agent_edit
+from sgl_longspec.tools.cli import DEMO_FILE, DEMO_RENAME, check_agent_edit
 
 
 EXE = str(Path(sys.executable).parent / "sgl-longspec")

@@ -31,7 +31,7 @@ def test_dockerfile_installs_as_the_readme_says(name):
 
 
 def test_cuda_image_is_the_supported_sglang_release():
-    from sgl_longspec.sglang_compat import SUPPORTED_RANGE
+    from sgl_longspec.adapter.sglang_compat import SUPPORTED_RANGE
 
     base = re.search(r"^FROM lmsysorg/sglang:v([0-9.]+)", (ROOT / "docker" / "Dockerfile.cuda")
                      .read_text(), flags=re.M).group(1)
@@ -41,7 +41,7 @@ def test_cuda_image_is_the_supported_sglang_release():
 
 
 def test_serve_binds_localhost_by_default():
-    from sgl_longspec.cli import _common_parser
+    from sgl_longspec.tools.cli import _common_parser
 
     args, _ = _common_parser("serve", "").parse_known_args([])
     assert args.host == "127.0.0.1"

@@ -1,4 +1,4 @@
-"""Logit rules per verified position (sgl_longspec.logit_rules) against brute-force references.
+"""Logit rules per verified position (sgl_longspec.verify.logit_rules) against brute-force references.
 
 - grammar_prune: a small DFA grammar with rollback; the kept nodes must be exactly those whose
   whole root path the DFA accepts (stopping below termination), the masks the DFA's allowed sets
@@ -23,10 +23,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sgl_longspec.draft import Draft
-from sgl_longspec.logit_rules import (LogitRules, Penalties, StepRules, apply_penalties,
+from sgl_longspec.drafters.draft import Draft
+from sgl_longspec.verify.logit_rules import (LogitRules, Penalties, StepRules, apply_penalties,
                                       grammar_prune)
-from sgl_longspec.verify import verify_greedy
+from sgl_longspec.verify.acceptance import verify_greedy
 
 V = 40
 STOP = 39  # the DFA's stop token: accepting it terminates

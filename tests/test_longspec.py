@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from sgl_longspec.config import LongSpecConfig
-from sgl_longspec.draft import Draft
-from sgl_longspec.router import Router, RouterConfig
+from sgl_longspec.adapter.config import LongSpecConfig
+from sgl_longspec.drafters.draft import Draft
+from sgl_longspec.step.router import Router, RouterConfig
 
 LONGSPEC_ARGS = ("--speculative-algorithm", "LONGSPEC", "--speculative-num-draft-tokens", "16",
                  "--random-seed", "0")
@@ -250,7 +250,7 @@ def test_draft_pruned_keeps_a_valid_tree():
 
 def test_cost_model_recovers_step_costs():
     """Fed exact timings from a = 30 ms, b = 2 ms/token, c = 5 ms, the fit converges to them."""
-    from sgl_longspec.router import StepCostModel
+    from sgl_longspec.step.router import StepCostModel
 
     m = StepCostModel()
     rng = __import__("random").Random(0)
@@ -317,13 +317,14 @@ def test_ragged_verify_args_equal_hybrid_attention():
     import torch
 
     from flashinfer_ext.reference import attention_with_lse, hybrid_tree_attention
-    from sgl_longspec.sglang_worker import ragged_verify_args
+    from sgl_longspec.verify.layout import VerifyLayout
 
     g = torch.Generator().manual_seed(0)
     drafts = [Draft.empty(), Draft.chain([1, 2, 3]), Draft([4, 5, 6, 7], [-1, -1, 0, 1])]
     masks = [torch.from_numpy(d.tree_mask(include_root=True)) for d in drafts]
     prefix = torch.tensor([5, 0, 9])
-    kv_idx, kv_indptr, qo_indptr, packed = ragged_verify_args(masks, prefix, "cpu")
+    layout = VerifyLayout.build(drafts, prefix.tolist(), [0, 0, 0])
+    kv_idx, kv_indptr, qo_indptr, packed = layout.dense_verify_args(prefix, "cpu")
     assert qo_indptr.tolist() == [0, 1, 5, 10]
     assert kv_indptr.tolist() == [0, 6, 10, 24] and kv_idx.numel() == 24
     hq, hkv, d = 4, 2, 16
@@ -349,7 +350,8 @@ def test_gpu_hybrid_plan_args_match_reference():
 
     from flashinfer_ext.reference import hybrid_tree_attention
     from flashinfer_ext.wrapper import HybridTreeVerifyWrapper
-    from sgl_longspec.gpu_attention import hybrid_verify_plan_args
+    from sgl_longspec.attention.flashinfer_hybrid import hybrid_verify_plan_args
+    from sgl_longspec.verify.layout import VerifyLayout
 
     g = torch.Generator().manual_seed(1)
     drafts = [Draft.chain([1, 2]), Draft.empty(), Draft([4, 5, 6], [-1, -1, 1])]
@@ -357,7 +359,7 @@ def test_gpu_hybrid_plan_args_match_reference():
     seq_lens, rows = [7, 3, 12], [2, 0, 1]
     slots = torch.randperm(64, generator=g).to(torch.int32)
     req_to_token = slots[:3 * 20].view(3, 20)
-    args = hybrid_verify_plan_args(masks, seq_lens, rows, req_to_token)
+    args = hybrid_verify_plan_args(VerifyLayout(masks, seq_lens), rows, req_to_token)
     hq, hkv, d = 4, 2, 8
     k_cache = torch.randn(64, hkv, d, generator=g)
     v_cache = torch.randn(64, hkv, d, generator=g)
@@ -454,7 +456,7 @@ def _damaged_checkpoints(tmp_path: Path) -> dict:
     """Copies of the shipped drafter checkpoint, each damaged one way."""
     import shutil
 
-    from sgl_longspec.owl import shipped_checkpoint
+    from sgl_longspec.drafters.owl import shipped_checkpoint
 
     src = shipped_checkpoint()
     out = {"missing": (tmp_path / "no-such-checkpoint", "is not a directory")}
@@ -491,8 +493,8 @@ def test_server_refuses_a_drafter_checkpoint_for_another_model(tmp_path):
     import signal
     import socket
 
-    from sgl_longspec.cli import start_server
-    from sgl_longspec.owl import shipped_checkpoint
+    from sgl_longspec.tools.cli import start_server
+    from sgl_longspec.drafters.owl import shipped_checkpoint
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -1035,7 +1037,7 @@ def test_two_replicas_behind_sglangs_model_gateway(server_pool, plain_outputs, t
     import requests
 
     from conftest import HOST, ServerHandle, free_port
-    from sgl_longspec.cli import start_server, stop_server, wait_healthy
+    from sgl_longspec.tools.cli import start_server, stop_server, wait_healthy
 
     server_pool.stop_all()  # room for this test's own two servers
     procs, urls, stats = [], [], [tmp_path / f"replica{k}.json" for k in range(2)]

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from sgl_longspec import models
-from sgl_longspec.models import COMPLETE_MARKER, ModelError
+from sgl_longspec.tools import models
+from sgl_longspec.tools.models import COMPLETE_MARKER, ModelError
 
-CLI = [sys.executable, "-m", "sgl_longspec.cli"]
+CLI = [sys.executable, "-m", "sgl_longspec.tools.cli"]
 
 
 def _cli(args, cache: Path, timeout=600) -> subprocess.CompletedProcess:

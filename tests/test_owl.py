@@ -13,9 +13,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sgl_longspec.draft import Draft
-from sgl_longspec.owl import build_drafter, load_drafter, shipped_checkpoint
-from sgl_longspec.owl.model import CONFIG_NAME, WEIGHTS_NAME, OwlDrafter
+from sgl_longspec.drafters.draft import Draft
+from sgl_longspec.drafters.owl import build_drafter, load_drafter, shipped_checkpoint
+from sgl_longspec.drafters.owl.model import CONFIG_NAME, WEIGHTS_NAME, OwlDrafter
 
 V, H = 300, 32
 
@@ -276,7 +276,7 @@ def test_corrupt_or_mismatched_checkpoint_refused(tmp_path):
 
 # ------------------------------------------------------------------------------------ training
 def test_tiny_training_run_decreases_loss(tmp_path):
-    from sgl_longspec.owl.train import evaluate_examples, train_loop
+    from sgl_longspec.training.owl_train import evaluate_examples, train_loop
 
     torch.manual_seed(0)
     d = make_drafter(seed=11, n_predict=3, proj=32).train()
@@ -303,7 +303,7 @@ def test_tiny_training_run_decreases_loss(tmp_path):
 
 
 def test_make_examples_alignment():
-    from sgl_longspec.owl.data import make_examples
+    from sgl_longspec.training.owl_data import make_examples
 
     g = torch.arange(10, 20, dtype=torch.int32)
     s = {"gen": g, "argmax": g + 100, "hidden": torch.arange(10, dtype=torch.float16)[:, None]
@@ -322,10 +322,10 @@ def test_shipped_checkpoint_accepts_on_real_prompts():
     path = shipped_checkpoint("smollm2-135m-instruct")
     if not (path / WEIGHTS_NAME).exists():
         pytest.fail(f"shipped checkpoint missing: {path}")
-    from sgl_longspec.owl.data import chat_ids
-    from sgl_longspec.owl.data import generate_batch
-    from sgl_longspec.owl.train import evaluate_examples, load_target
-    from sgl_longspec.owl.data import make_examples
+    from sgl_longspec.training.owl_data import chat_ids
+    from sgl_longspec.training.owl_data import generate_batch
+    from sgl_longspec.training.owl_train import evaluate_examples, load_target
+    from sgl_longspec.training.owl_data import make_examples
 
     _, tok, model = load_target(None, "cpu", "float32")
     drafter = load_drafter(path, model.get_input_embeddings(), model.get_output_embeddings())
@@ -353,7 +353,7 @@ def test_shipped_checkpoint_accepts_on_real_prompts():
 def chat_tokenizer():
     from transformers import AutoTokenizer
 
-    from sgl_longspec.models import ensure_embedded_model
+    from sgl_longspec.tools.models import ensure_embedded_model
 
     return AutoTokenizer.from_pretrained(str(ensure_embedded_model()))
 
@@ -370,7 +370,7 @@ def test_fit_context_ids_has_exactly_the_requested_length(chat_tokenizer, pieces
     """Every requested length is met exactly (the old text-level fit missed by a token where a cut
     re-tokenized differently), the prompt ends with the same question and template tail whatever
     the length, and the context is the END of the pieces' tokens."""
-    from sgl_longspec.owl import data as owl_data
+    from sgl_longspec.training import owl_data
 
     tok = chat_tokenizer
     head, tail = owl_data.chat_template_around(tok, question)
@@ -399,7 +399,7 @@ def test_fit_context_ids_has_exactly_the_requested_length(chat_tokenizer, pieces
 def test_fit_context_ids_renders_the_chat_template(chat_tokenizer):
     """The spliced ids decode to the chat template's own rendering of the turn "<context>\n\n
     <question>", with the context cut from the front at a token boundary."""
-    from sgl_longspec.owl import data as owl_data
+    from sgl_longspec.training import owl_data
 
     tok = chat_tokenizer
     pieces = ["first piece of text.", "second piece."]
@@ -418,7 +418,7 @@ def test_training_code_comes_from_the_pinned_package():
     list on any machine (CI once failed because it read whatever site-packages held)."""
     import importlib.metadata as md
 
-    from sgl_longspec.owl import data as owl_data
+    from sgl_longspec.training import owl_data
 
     name, version = owl_data.CODE_SOURCE_PACKAGE
     assert md.version(name) == version
@@ -431,9 +431,9 @@ def test_training_code_comes_from_the_pinned_package():
 def test_long_text_sequences_and_chunked_recording():
     """The long-context training split: exact lengths, disjoint from the evaluation's prompts, and
     the chunked (KV-cache) recording equals one full forward pass."""
-    from sgl_longspec.owl import data as owl_data
-    from sgl_longspec.owl.evaluate import long_prompt_ids
-    from sgl_longspec.owl.train import load_target
+    from sgl_longspec.training import owl_data
+    from sgl_longspec.training.owl_evaluate import long_prompt_ids
+    from sgl_longspec.training.owl_train import load_target
 
     _, tok, model = load_target(None, "cpu", "float32")
     seqs = owl_data.long_text_sequences(tok, 4, 640, seed=0)
@@ -465,7 +465,7 @@ def brute_force_restricted_chain(d: OwlDrafter, hidden, root, ids: torch.Tensor,
 
 
 def test_draft_vocab_restricts_drafts_and_round_trips(tmp_path):
-    from sgl_longspec.owl.train import frequent_label_ids
+    from sgl_longspec.training.owl_train import frequent_label_ids
 
     d = make_drafter(seed=11)
     labels = torch.tensor([[5, 1], [5, 2], [7, 3], [5, -1], [9, 0], [7, 0], [-1, -1]])
@@ -491,7 +491,7 @@ def test_draft_vocab_restricts_drafts_and_round_trips(tmp_path):
     # a corrupt or out-of-range vocabulary file is refused with its name
     from safetensors.torch import save_file
 
-    from sgl_longspec.owl.model import VOCAB_NAME
+    from sgl_longspec.drafters.owl.model import VOCAB_NAME
 
     (tmp_path / VOCAB_NAME).write_bytes(b"garbage")
     with pytest.raises(ValueError, match="draft_vocab.safetensors"):
@@ -507,7 +507,7 @@ def test_draft_vocab_restricts_drafts_and_round_trips(tmp_path):
 
 
 def test_shipped_checkpoint_has_draft_vocab():
-    from sgl_longspec.owl.model import VOCAB_NAME
+    from sgl_longspec.drafters.owl.model import VOCAB_NAME
 
     from safetensors.torch import load_file
 

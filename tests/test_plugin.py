@@ -14,13 +14,13 @@ import torch
 
 pytest.importorskip("sglang")
 
-from sgl_longspec import sglang_compat  # noqa: E402
-from sgl_longspec.config import ENV_VAR, LongSpecConfig  # noqa: E402
+from sgl_longspec.adapter import sglang_compat  # noqa: E402
+from sgl_longspec.adapter.config import ENV_VAR, LongSpecConfig  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def registered():
-    from sgl_longspec import plugin
+    from sgl_longspec.adapter import plugin
 
     plugin.register()
     plugin.register()  # idempotent
@@ -66,7 +66,7 @@ def fake_args(**kw):
 
 
 def test_server_args_defaults_for_a_bare_launch(no_config_env):
-    from sgl_longspec.sglang_algo import configure_server_args
+    from sgl_longspec.adapter.algorithm import configure_server_args
 
     a = fake_args(attention_backend="torch_native")
     configure_server_args(a)
@@ -85,8 +85,8 @@ def test_server_args_defaults_for_a_bare_launch(no_config_env):
 
 
 def test_draft_model_path_names_the_owl_checkpoint(no_config_env):
-    from sgl_longspec.owl import shipped_checkpoint
-    from sgl_longspec.sglang_algo import configure_server_args
+    from sgl_longspec.drafters.owl import shipped_checkpoint
+    from sgl_longspec.adapter.algorithm import configure_server_args
 
     ckpt = str(shipped_checkpoint())
     configure_server_args(fake_args(speculative_draft_model_path=ckpt))
@@ -94,7 +94,7 @@ def test_draft_model_path_names_the_owl_checkpoint(no_config_env):
 
 
 def test_a_refused_draft_model_path_leaves_no_configuration_behind(no_config_env, tmp_path):
-    from sgl_longspec.sglang_algo import configure_server_args
+    from sgl_longspec.adapter.algorithm import configure_server_args
 
     missing = str(tmp_path / "no-such-checkpoint")
     a = fake_args(speculative_draft_model_path=missing)
@@ -133,7 +133,7 @@ def test_version_check_names_the_supported_range():
 
 
 def test_out_of_vocab_message():
-    from sgl_longspec.request_checks import out_of_vocab
+    from sgl_longspec.adapter.request_checks import out_of_vocab
 
     assert out_of_vocab([0, 5, 9], 10) is None
     assert out_of_vocab([], 10) is None
@@ -158,9 +158,9 @@ class GlooGroup:
 def _tp_rank(rank, world_size, init_file, out_dir):
     import torch.distributed as dist
 
-    from sgl_longspec.draft import Draft
-    from sgl_longspec.tp_sync import RankZeroDecisions
-    from sgl_longspec.verify import verify_greedy
+    from sgl_longspec.drafters.draft import Draft
+    from sgl_longspec.adapter.tp_sync import RankZeroDecisions
+    from sgl_longspec.verify.acceptance import verify_greedy
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world_size)
@@ -192,8 +192,8 @@ def test_rank_zero_decisions_reach_every_rank(tmp_path):
 
 
 def test_single_rank_sends_nothing():
-    from sgl_longspec.draft import Draft
-    from sgl_longspec.tp_sync import RankZeroDecisions
+    from sgl_longspec.drafters.draft import Draft
+    from sgl_longspec.adapter.tp_sync import RankZeroDecisions
 
     tp = RankZeroDecisions(None)
     d = [Draft.chain([1, 2])]
@@ -233,7 +233,7 @@ def test_corpus_hooks_target_real_methods_and_leave_other_servers_to_sglang():
     import importlib
     import inspect
 
-    from sgl_longspec import corpus_endpoints as ce
+    from sgl_longspec.adapter import corpus_endpoints as ce
 
     for owner in (sglang_compat.TOKENIZER_MANAGER, sglang_compat.SCHEDULER):
         module, cls = owner.rsplit(".", 1)
@@ -255,6 +255,10 @@ def test_corpus_hooks_target_real_methods_and_leave_other_servers_to_sglang():
     assert asyncio.run(ce._tm_add(original, ngram, "obj")) == ("sglang", ("obj",))
     assert asyncio.run(ce._tm_remove(original, ngram, "id")) == ("sglang", ("id",))
     assert asyncio.run(ce._tm_list(original, ngram)) == ("sglang", ())
+    from sgl_longspec.adapter.corpus_service import CorpusService
+
+    for call in sglang_compat.CORPUS_CALLS:  # a LONGSPEC scheduler's calls land on these
+        assert callable(getattr(CorpusService, call)), call
     plain = types.SimpleNamespace(draft_worker=None)
     for call in sglang_compat.CORPUS_CALLS:
         assert ce._to_worker(call)(lambda s, r: "sglang", plain, "req") == "sglang"

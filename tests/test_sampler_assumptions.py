@@ -15,9 +15,9 @@ import torch
 
 pytest.importorskip("sglang")
 
-from sgl_longspec import sglang_compat  # noqa: E402
-from sgl_longspec.draft import Draft  # noqa: E402
-from sgl_longspec.verify import seeded_uniforms, verify_sampling  # noqa: E402
+from sgl_longspec.adapter import sglang_compat  # noqa: E402
+from sgl_longspec.drafters.draft import Draft  # noqa: E402
+from sgl_longspec.verify.acceptance import seeded_uniforms, verify_sampling  # noqa: E402
 
 V = 50
 TEMPS = torch.tensor([[0.7], [1.0], [1.3]])
@@ -105,7 +105,7 @@ def test_seeded_draw_from_the_probabilities_follows_them():
 
 
 def test_plain_schedule_is_recorded_before_longspec_forces_its_own(monkeypatch):
-    from sgl_longspec.sglang_algo import PLAIN_OVERLAP_ENV, configure_server_args, plain_runs_overlap
+    from sgl_longspec.adapter.algorithm import PLAIN_OVERLAP_ENV, configure_server_args, plain_runs_overlap
 
     monkeypatch.setenv(PLAIN_OVERLAP_ENV, "")
     for disabled, overlap in ((False, True), (True, False)):

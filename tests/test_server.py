@@ -57,7 +57,7 @@ def _strip_eos(ids: list[int], eos: set[int]) -> list[int]:
 
 @pytest.fixture(scope="session")
 def model_path() -> str:
-    from sgl_longspec.models import ensure_embedded_model
+    from sgl_longspec.tools.models import ensure_embedded_model
 
     return str(ensure_embedded_model())
 

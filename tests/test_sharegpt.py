@@ -1,4 +1,4 @@
-"""The one ShareGPT reader (sgl_longspec.sharegpt) against brute force on truncated JSON arrays, and
+"""The one ShareGPT reader (sgl_longspec.tools.sharegpt) against brute force on truncated JSON arrays, and
 on the pinned wheel's real file."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sgl_longspec import sharegpt
+from sgl_longspec.tools import sharegpt
 
 _TURN = st.fixed_dictionaries({"from": st.sampled_from(["human", "gpt"]),
                                "value": st.text(alphabet=st.sampled_from(list('ab ,[]{}"\\\n é中🙂')), max_size=30)})

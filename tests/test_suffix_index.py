@@ -1,4 +1,4 @@
-"""Tests of sgl_longspec.suffix_index against the brute-force reference in suffix_reference.py.
+"""Tests of sgl_longspec.drafters.suffix_index against the brute-force reference in suffix_reference.py.
 
 Hypothesis example counts are small by default (this suite must stay fast on 2 cores); set
 SUFFIX_TEST_EXAMPLES=500 for a longer run.
@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from suffix_reference import ReferenceIndex, budget_for, count_occurrences  # noqa: E402
 
-from sgl_longspec.draft import Draft  # noqa: E402
-from sgl_longspec.suffix_index import SuffixIndex, SuffixIndexConfig  # noqa: E402
+from sgl_longspec.drafters.draft import Draft  # noqa: E402
+from sgl_longspec.drafters.suffix_index import SuffixIndex, SuffixIndexConfig  # noqa: E402
 
 N_EXAMPLES = int(os.environ.get("SUFFIX_TEST_EXAMPLES", "60"))
 SETTINGS = settings(max_examples=N_EXAMPLES, deadline=None, derandomize=True,
@@ -238,7 +238,7 @@ def tokenize():
     try:
         from tokenizers import Tokenizer
 
-        from sgl_longspec.models import ensure_embedded_model
+        from sgl_longspec.tools.models import ensure_embedded_model
 
         tok = Tokenizer.from_file(str(Path(ensure_embedded_model()) / "tokenizer.json"))
         return lambda text: tok.encode(text, add_special_tokens=False).ids

@@ -1,4 +1,4 @@
-"""Tests for sgl_longspec.verify: greedy exactness, SGLang sampling semantics, and statistical
+"""Tests for sgl_longspec.verify.acceptance: greedy exactness, SGLang sampling semantics, and statistical
 losslessness of sampling verification (with biased verifiers that the same test must reject)."""
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from sgl_longspec import verify as V
-from sgl_longspec.draft import Draft
-from sgl_longspec.verify import (
+from sgl_longspec.verify import acceptance as V
+from sgl_longspec.drafters.draft import Draft
+from sgl_longspec.verify.acceptance import (
     TOP_K_ALL,
     TreeBatch,
     target_probs,
@@ -640,7 +640,7 @@ def test_draft_probs_chain_lossless_and_bias_detected(params):
 def test_seeded_uniforms_make_a_request_sample_the_same_whatever_its_batch():
     """A seeded request's slots draw with uniforms of (seed, position): alone or next to other
     requests (whose draws are random), its outcome is the same; another seed differs somewhere."""
-    from sgl_longspec.verify import seeded_uniforms
+    from sgl_longspec.verify.acceptance import seeded_uniforms
 
     torch.manual_seed(0)
     V = 50

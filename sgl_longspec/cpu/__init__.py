@@ -7,15 +7,18 @@ SGLang is imported). It does nothing when CUDA is present. Otherwise it:
 - makes `import sgl_kernel` resolve to the pure-PyTorch shim in ./_shim when the real CPU build of
   sgl_kernel is not importable (it is not on PyPI).
 The verify-capable CPU attention backend is registered under its own name, `longspec_cpu`, by
-sgl_longspec.attention_backends; SGLang's `torch_native` is left as it is.
+sgl_longspec.attention.registration; SGLang's `torch_native` is left as it is.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import sys
 from pathlib import Path
+
+logger = logging.getLogger("sgl_longspec")
 
 SHIM_DIR = str(Path(__file__).parent / "_shim")
 
@@ -32,7 +35,8 @@ def _real_sgl_kernel_importable() -> bool:
         return False
     try:
         import sgl_kernel  # noqa: F401
-    except Exception:
+    except Exception as e:  # noqa: BLE001 - a build for another machine fails in many ways
+        logger.info("the installed sgl_kernel does not load here (%r): using the CPU shim", e)
         for name in [m for m in sys.modules if m == "sgl_kernel" or m.startswith("sgl_kernel.")]:
             del sys.modules[name]
         return False

@@ -1,0 +1,623 @@
+"""LONGSPEC's decode-step logic, independent of any engine.
+
+The SGLang adapter (sgl_longspec.adapter.worker) turns each decode batch into `RequestView`s and
+asks the controller what to verify; it runs the forward and hands the logits back. Everything in
+between lives here and is tested on a fake batch harness (tests/test_controller.py):
+
+- the request lifecycle: a request's tokens enter its suffix tree on first sight and after each
+  step; a request that left the batch is released (a finished output joins the global tree, an
+  aborted one is dropped);
+- the drafters, behind one small protocol (`Drafter`: name, propose, forget): the suffix index and
+  the OWL model drafter;
+- the router's step (`plan_step` -> `StepPlan`): which drafter, how many tokens, or no draft;
+- verification (greedy or lossless sampling, sgl_longspec.verify.acceptance) and what it teaches the router;
+- counters, including fallbacks by cause: a drafter, index or verify failure turns only the
+  requests it touched to plain decoding, is counted, and is logged with its traceback the first
+  time each cause occurs (later ones in one line); a drafter that keeps failing is switched off
+  for a while by its circuit breaker and retried later.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Hashable, Optional, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from sgl_longspec.adapter.config import LongSpecConfig
+from sgl_longspec.drafters.corpus import SuffixCorpus
+from sgl_longspec.drafters.draft import Draft
+from sgl_longspec.step.faults import Faults
+from sgl_longspec.verify.logit_rules import LogitRules, StepRules, grammar_prune
+from sgl_longspec.step.router import Load, Router, RouterConfig
+from sgl_longspec.drafters.suffix_index import SuffixIndex, SuffixIndexConfig
+from sgl_longspec.verify.acceptance import VerifyResult, verify_greedy, verify_sampling
+
+logger = logging.getLogger("sgl_longspec")
+
+
+@dataclass
+class RequestView:
+    """What the controller needs to know about one request of a decode batch."""
+
+    rid: Hashable
+    prompt: Sequence[int]
+    output: Sequence[int]  # committed output tokens; output[-1] is the root of its draft
+    remaining: int  # tokens it may still generate
+    plain_only: bool = False  # decodes without drafts (opted out, or a custom logit processor)
+    handle: object = None  # the engine's request object, handed back to `finished_ok`
+    rules: Optional[LogitRules] = None  # penalties, grammar, logit bias (sgl_longspec.verify.logit_rules)
+    # Draft tokens its KV window can take this step (None: no limit known): the engine's slots
+    # reserved past the committed length, its req_to_token row and the context length bound the
+    # root's slot plus one per draft token. Near the end of the context it shrinks, down to 0.
+    room: Optional[int] = None
+
+
+@dataclass
+class DraftRequest:
+    rid: Hashable
+    root: int  # last committed token
+    budget: int  # most draft tokens
+
+
+class Drafter(Protocol):
+    """A source of drafts. `propose` gets the requests of one step that want its drafts and
+    returns one Draft each (empty for none); `forget` releases a request's state."""
+
+    name: str
+
+    def propose(self, requests: Sequence[DraftRequest]) -> list[Draft]: ...
+
+    def forget(self, rid: Hashable, keep_output: bool) -> None: ...
+
+
+class SuffixDrafter:
+    """The suffix index as a drafter; it also owns the request's token stream (`sync`)."""
+
+    name = "suffix"
+
+    def __init__(self, index: SuffixIndex):
+        self.index = index
+        self.indexed: dict[Hashable, int] = {}  # rid -> tokens indexed
+
+    def sync(self, view: RequestView) -> None:
+        """Bring the request's tree to prompt + output (appending only what is new)."""
+        rid, prompt, output = view.rid, view.prompt, view.output
+        total = len(prompt) + len(output)
+        have = self.indexed.get(rid)
+        if have is not None and have > total:  # retracted and re-admitted: start over
+            self.index.abort_request(rid)
+            have = None
+        if have is None:
+            self.index.start_request(rid, list(prompt) + list(output))
+        elif have < total:
+            if have >= len(prompt):
+                new = list(output[have - len(prompt):])
+            else:
+                new = list(prompt[have:]) + list(output)
+            self.index.extend(rid, new)
+        self.indexed[rid] = total
+
+    def propose(self, requests: Sequence[DraftRequest]) -> list[Draft]:
+        return [self.index.speculate(r.rid, max_spec_tokens=r.budget, max_tree_nodes=r.budget)
+                for r in requests]
+
+    def forget(self, rid: Hashable, keep_output: bool) -> None:
+        if self.indexed.pop(rid, None) is None:
+            return
+        if keep_output:
+            self.index.finish_request(rid, keep_in_global=True)
+        else:
+            self.index.abort_request(rid)
+
+
+class OwlDrafter:
+    """The OWL LSTM drafter: one batched tree per step, from the target hidden state that produced
+    each request's root token (`remember`)."""
+
+    name = "owl"
+
+    def __init__(self, model, top_k: int, max_nodes: int):
+        self.model = model
+        self.top_k = top_k
+        self.max_nodes = max_nodes
+        self.hidden: dict[Hashable, torch.Tensor] = {}
+
+    def remember(self, rids: Sequence[Hashable], hidden: torch.Tensor) -> None:
+        for b, rid in enumerate(rids):
+            self.hidden[rid] = hidden[b]
+
+    def has_state(self, rid: Hashable) -> bool:
+        return rid in self.hidden
+
+    def retain(self, rids: set) -> None:
+        """Drop the states of requests outside `rids` (e.g. finished during prefill, never
+        decoded, so never released as departed)."""
+        for rid in [r for r in self.hidden if r not in rids]:
+            del self.hidden[rid]
+
+    def propose(self, requests: Sequence[DraftRequest]) -> list[Draft]:
+        if not requests:
+            return []
+        hidden = torch.stack([self.hidden[r.rid] for r in requests]).to(
+            self.model.embedding_weight.dtype)
+        max_nodes = min(self.max_nodes, max(r.budget for r in requests))
+        trees = self.model.draft_tree(hidden, [r.root for r in requests], top_k=self.top_k,
+                                      max_nodes=max_nodes)
+        return [t.truncated(r.budget) for t, r in zip(trees, requests)]
+
+    def forget(self, rid: Hashable, keep_output: bool) -> None:
+        self.hidden.pop(rid, None)
+
+
+class CircuitBreaker:
+    """Trips when a drafter keeps failing, so that a broken drafter costs nothing for a while
+    instead of failing (and turning another request plain) at every step; retries later.
+
+    Counted in decode steps (deterministic, testable): `failures` failures within `window` steps
+    open it for `cooldown` steps; each trip doubles the next cooldown (up to `max_cooldown`), and a
+    full window without failure after a retry restores the base cooldown.
+    """
+
+    def __init__(self, failures: int = 5, window: int = 50, cooldown: int = 200,
+                 max_cooldown: int = 3200):
+        self.failures, self.window = failures, window
+        self.base_cooldown, self.max_cooldown = cooldown, max_cooldown
+        self.cooldown = cooldown
+        self.now = 0
+        self.open_until = 0
+        self.recent: list[int] = []
+        self.trips = 0
+
+    def step(self) -> None:
+        self.now += 1
+        if self.cooldown != self.base_cooldown and self.now >= self.open_until + self.window \
+                and not self.recent:
+            self.cooldown = self.base_cooldown
+
+    @property
+    def closed(self) -> bool:
+        return self.now >= self.open_until
+
+    def failed(self) -> bool:
+        """Record a failure; True if it tripped the breaker."""
+        self.recent = [t for t in self.recent if self.now - t < self.window] + [self.now]
+        if len(self.recent) < self.failures:
+            return False
+        self.open_until = self.now + self.cooldown
+        self.cooldown = min(2 * self.cooldown, self.max_cooldown)
+        self.recent = []
+        self.trips += 1
+        return True
+
+
+@dataclass
+class StepPlan:
+    """The router's decision for one decode step: a draft per request (empty = no draft)."""
+
+    drafts: list[Draft]
+    # the batch's logit rules, to apply to the verify logits before acceptance (None: no rules)
+    rules: Optional[StepRules] = None
+
+    @property
+    def verify(self) -> bool:
+        return any(len(d) for d in self.drafts)
+
+    @property
+    def needs_verify_path(self) -> bool:
+        """Verify (drafts, or rules that only the verify path applies exactly: penalties)."""
+        return self.verify or (self.rules is not None and self.rules.stateful)
+
+    @property
+    def draft_tokens(self) -> int:
+        return sum(len(d) for d in self.drafts)
+
+
+@dataclass
+class SamplingParams:
+    """Per-request sampling parameters of a verify batch ([bs] tensors)."""
+
+    all_greedy: bool
+    temperature: Optional[torch.Tensor] = None
+    top_k: Optional[torch.Tensor] = None
+    top_p: Optional[torch.Tensor] = None
+    min_p: Optional[torch.Tensor] = None
+    uniforms: Optional[torch.Tensor] = None  # per verify slot, NaN = random (verify_sampling)
+
+
+@dataclass
+class Counters:
+    drafted: int = 0
+    accepted: int = 0
+    verify_steps: int = 0
+    plain_steps: int = 0
+    # verify steps in which two or more requests verified a draft (the ragged batch path)
+    batched_verify_steps: int = 0
+    max_verify_batch: int = 0
+    draft_ms: float = 0.0
+    verify_ms: float = 0.0
+    verify_forward_ms: float = 0.0
+    verify_tokens: int = 0
+    plain_ms: float = 0.0
+    # draft tokens dropped before verification because the request's grammar forbids them
+    grammar_pruned: int = 0
+    # verify steps of batches with logit rules (penalties, grammars, logit bias; counted by the
+    # engine adapter, which applies them)
+    rule_steps: int = 0
+    # decode steps on which the load left no draft budget (requests waiting, KV pool nearly
+    # full: see Router.draft_budget), so nothing was drafted or verified
+    saturated_steps: int = 0
+    # decode steps planned while requests waited for admission (the budget then shrinks)
+    queued_steps: int = 0
+    # request-steps whose draft budget its KV window cut (RequestView.room: the reservation, the
+    # req_to_token row or the context length ends within a full draft of its committed tokens)
+    room_capped: int = 0
+    # the last step's load as the engine adapter read it (waiting requests, free KV tokens)
+    last_load: dict = field(default_factory=dict)
+    # per draft source: [verified drafts, draft tokens, accepted tokens]
+    by_source: dict = field(default_factory=dict)
+    # per cause ("index", "suffix_drafter", "owl_drafter", "verify", "release"): failures, and
+    # the requests they turned to plain decoding
+    fallbacks: Counter = field(default_factory=Counter)
+    fallback_requests: Counter = field(default_factory=Counter)
+    # per forward size: [steps, total ms, forward ms, attention ms], keyed "plain:<tokens>" and
+    # "verify:<tokens>" (the step profile of benchmarks/profile_verify_step.py)
+    step_profile: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        out = dict(self.__dict__)
+        out["fallbacks"] = dict(self.fallbacks)
+        out["fallback_requests"] = dict(self.fallback_requests)
+        return out
+
+
+def build_suffix_index(cfg: LongSpecConfig) -> SuffixIndex:
+    """The per-request and global suffix trees the --longspec-* flags describe."""
+    return SuffixIndex(SuffixIndexConfig(
+        max_depth=cfg.max_depth, vocab_size=None, max_cached_responses=cfg.global_cache_requests,
+        max_cache_bytes=cfg.global_cache_mb << 20, max_spec_tokens=cfg.max_spec_tokens,
+        spec_factor=cfg.spec_factor, spec_offset=cfg.spec_offset,
+        min_token_prob=cfg.min_token_prob, use_tree=cfg.use_tree,
+        max_tree_nodes=cfg.max_spec_tokens))
+
+
+def build_corpus(cfg: LongSpecConfig) -> SuffixCorpus:
+    """The (empty) external corpus the --longspec-corpus-* flags bound."""
+    return SuffixCorpus(
+        cfg.corpus_mb << 20, max_depth=cfg.max_depth, max_spec_tokens=cfg.max_spec_tokens,
+        min_token_prob=cfg.min_token_prob, spec_factor=cfg.spec_factor, spec_offset=cfg.spec_offset)
+
+
+def build_router(cfg: LongSpecConfig) -> Router:
+    """The router with the --longspec-* router settings."""
+    return Router(RouterConfig(
+        min_score=cfg.min_score, howl_threshold=cfg.howl_threshold,
+        batch_draft_budget=cfg.batch_draft_budget, max_draft_tokens=cfg.max_spec_tokens,
+        backoff_steps=cfg.backoff_steps, cost_aware=cfg.cost_aware,
+        queue_weight=cfg.queue_weight, kv_reserve=cfg.kv_reserve))
+
+
+class LongSpecController:
+    def __init__(self, config: LongSpecConfig, window: int, owl_model=None,
+                 finished_ok: Callable[[object], bool] = lambda handle: True,
+                 faults: Optional[Faults] = None, vocab_size: int = 1 << 30,
+                 index: Optional[SuffixIndex] = None, corpus: Optional[SuffixCorpus] = None,
+                 router: Optional[Router] = None):
+        """window: verify width per request including the root (SGLang's
+        --speculative-num-draft-tokens); finished_ok(handle): whether a request that left the
+        batch finished normally (its output then joins the global tree); vocab_size: the
+        target's (grammar masks cover it). The suffix index, the external corpus and the router
+        are built from `config` unless given."""
+        self.config = config
+        self.window = window
+        self.vocab_size = vocab_size
+        self.finished_ok = finished_ok
+        cfg = config
+        self.index = index if index is not None else build_suffix_index(cfg)
+        self.suffix = SuffixDrafter(self.index)
+        # The external corpus (--longspec-corpus, POST /add_external_corpus): consulted beside the
+        # request's and the global tree; its drafts are source "corpus" to the router.
+        self.corpus = corpus if corpus is not None else build_corpus(cfg)
+        self.owl = OwlDrafter(owl_model, cfg.owl_top_k, cfg.owl_max_nodes) if owl_model else None
+        self.router = router if router is not None else build_router(cfg)
+        self.counters = Counters()
+        self.faults = faults or Faults("")
+        self.breakers = {name: CircuitBreaker() for name in ("suffix_drafter", "owl_drafter")}
+        self._prev: dict[Hashable, object] = {}  # rid -> handle, the previous decode batch
+        self._plain: set[Hashable] = set()  # requests turned to plain decoding by a failure
+
+    # ---- failures -----------------------------------------------------------------------------
+    def fallback(self, cause: str, rids: Sequence[Hashable], what: str) -> None:
+        """Call inside an `except` block: count, log, and turn `rids` to plain decoding."""
+        breaker = self.breakers.get(cause)
+        if breaker is not None and breaker.failed():
+            logger.warning("LONGSPEC: %s failed %d times in %d steps; not used for %d steps",
+                           cause, breaker.failures, breaker.window, breaker.open_until - breaker.now)
+        first = self.counters.fallbacks[cause] == 0
+        self.counters.fallbacks[cause] += 1
+        self.counters.fallback_requests[cause] += len(rids)
+        if first:
+            logger.exception("LONGSPEC fallback (%s): %s; plain decoding for %d request(s)",
+                             cause, what, len(rids))
+        else:
+            logger.warning("LONGSPEC fallback (%s, #%d): %s: %r", cause,
+                           self.counters.fallbacks[cause], what, sys.exc_info()[1])
+        for rid in rids:
+            self._plain.add(rid)
+            for drafter in self._drafters():
+                try:
+                    drafter.forget(rid, keep_output=False)
+                except Exception:  # counted and logged; the request is plain already
+                    self.fallback("release", [], f"forgetting {rid} in {drafter.name}")
+
+    def _drafters(self) -> list:
+        return [self.suffix] + ([self.owl] if self.owl is not None else [])
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def release(self, rid: Hashable, keep_output: bool) -> None:
+        self.router.forget(rid)
+        self._plain.discard(rid)
+        for drafter in self._drafters():
+            try:
+                drafter.forget(rid, keep_output=keep_output)
+            except Exception:
+                self.fallback("release", [], f"releasing request {rid} from {drafter.name}")
+
+    def release_departed(self, views: Sequence[RequestView]) -> None:
+        current = {v.rid: v.handle for v in views}
+        for rid, handle in self._prev.items():
+            if rid not in current:
+                self.release(rid, keep_output=self.finished_ok(handle))
+        self._prev = current
+
+    def clear(self) -> None:
+        """Forget every request (SGLang's flush_cache, which runs only when nothing is in flight).
+        The last batch's requests are released as departed first: one that a failure turned
+        plain is no longer in the index but still has a router record and a plain mark."""
+        self.release_departed([])
+        for rid in list(self.suffix.indexed):
+            self.release(rid, keep_output=False)
+        self._plain.clear()
+
+    def remember_hidden(self, rids: Sequence[Hashable], hidden: Optional[torch.Tensor]) -> None:
+        """The target hidden states whose logits produced each request's newest token."""
+        if self.owl is not None and hidden is not None:
+            self.owl.remember(rids, hidden)
+
+    @property
+    def wants_hidden_states(self) -> bool:
+        return self.owl is not None
+
+    # ---- the router's step --------------------------------------------------------------------
+    def plan_step(self, views: Sequence[RequestView], load: Optional[Load] = None) -> StepPlan:
+        """Release departed requests, index new tokens, draft, and let the router decide (within
+        the draft budget the server's load leaves, Router.draft_budget)."""
+        t0 = time.perf_counter()
+        for breaker in self.breakers.values():
+            breaker.step()
+        self.release_departed(views)
+        if self.owl is not None:
+            self.owl.retain({v.rid for v in views})
+        bs = len(views)
+        eligible = [not v.plain_only and v.rid not in self._plain for v in views]
+        for i, v in enumerate(views):
+            if eligible[i]:
+                try:
+                    self.faults.check("index")
+                    self.suffix.sync(v)
+                except Exception:
+                    self.fallback("index", [v.rid], f"indexing request {v.rid}")
+                    eligible[i] = False
+        step_budget = self.router.draft_budget(bs, load)
+        if load is not None:
+            self.counters.last_load = {"waiting": load.waiting, "kv_free_tokens": load.kv_free_tokens,
+                                       "step_budget": step_budget}
+            self.counters.queued_steps += load.waiting > 0
+        if step_budget <= 0 and bs:
+            # Nothing can be verified: no drafter time either. Saturated = the load did it (not
+            # a configured --longspec-batch-draft-budget of 0).
+            self.counters.saturated_steps += self.config.batch_draft_budget > 0
+            eligible = [False] * bs
+        budgets = [0] * bs
+        for i, v in enumerate(views):
+            if eligible[i] and self.router.wants_draft(v.rid):
+                budgets[i] = min(self.config.max_spec_tokens, self.window - 1, max(v.remaining - 1, 0),
+                                 step_budget)
+                if v.room is not None and v.room < budgets[i]:
+                    # Never draft past what its window holds: fewer tokens, down to none.
+                    budgets[i] = max(v.room, 0)
+                    self.counters.room_capped += 1
+        suffix = self._suffix_drafts(views, budgets)
+        model = self._owl_drafts(views, budgets, suffix)
+        picked = [self.router.pick(s, m, v.rid) for s, m, v in zip(suffix, model, views)]
+        drafts = self.router.plan_batch([v.rid for v in views], picked, budget=step_budget)
+        rules = self.step_rules(views, drafts)
+        self.counters.draft_ms += 1e3 * (time.perf_counter() - t0)
+        return StepPlan(drafts, rules)
+
+    def step_rules(self, views, drafts: list[Draft], check_faults: bool = True) -> Optional[StepRules]:
+        """Prune each draft to its request's grammar (in place in `drafts`) and collect the
+        batch's logit rules with the grammar masks of every verify slot. (Part of plan_step;
+        under tensor parallelism the other ranks call it on the drafts rank 0 planned.)"""
+        if not any(v.rules is not None and not v.rules.empty for v in views):
+            return None
+        masks: list[Optional[torch.Tensor]] = [None] * len(views)
+        for i, v in enumerate(views):
+            g = v.rules.grammar if v.rules is not None else None
+            if g is None:
+                continue
+            try:
+                if check_faults:
+                    self.faults.check("grammar")
+                pruned, masks[i] = grammar_prune(drafts[i], g, self.vocab_size)
+            except Exception:
+                # The root row still needs its mask: try it without a draft.
+                self.fallback("grammar", [v.rid], f"grammar pruning for {v.rid}")
+                pruned, masks[i] = grammar_prune(Draft.empty(), g, self.vocab_size)
+            self.counters.grammar_pruned += len(drafts[i]) - len(pruned)
+            drafts[i] = pruned
+        return StepRules([v.rules for v in views], [v.output for v in views], masks)
+
+    def _suffix_drafts(self, views, budgets) -> list[Draft]:
+        """Suffix drafts: the request's and the global tree ("suffix") and the external corpus
+        ("corpus"), each consulted when the router expects it to pay for this request; the
+        better of the two by calibrated score. The corpus has its own record, so that a request
+        whose own tree keeps drafting badly can still copy from the corpus, and vice versa."""
+        out = [Draft.empty()] * len(views)
+        if not self.config.suffix_drafts:
+            return out
+        breaker = self.breakers["suffix_drafter"]
+        has_corpus = len(self.corpus) > 0
+        bs = len(views)
+        for i, v in enumerate(views):
+            if budgets[i] <= 0 or not breaker.closed:
+                continue
+            own = self.router.wants_source(v.rid, "suffix", bs, budgets[i])
+            corpus = has_corpus and self.router.wants_source(v.rid, "corpus", bs, budgets[i])
+            if not (own or corpus):
+                continue
+            try:
+                self.faults.check("suffix_drafter")
+                d = (self.suffix.propose([DraftRequest(v.rid, v.output[-1], budgets[i])])[0]
+                     if own else Draft.empty())
+                if corpus:
+                    c = self.corpus.speculate(_tail(v, self.corpus.max_depth), budgets[i],
+                                              use_tree=self.config.use_tree)
+                    d = self.router.better(d, c, v.rid)
+                out[i] = self._checked(d, budgets[i])
+            except Exception:
+                self.fallback("suffix_drafter", [v.rid], f"suffix draft for {v.rid}")
+                budgets[i] = 0
+        return out
+
+    def _owl_drafts(self, views, budgets, suffix) -> list[Optional[Draft]]:
+        """OWL trees (one batched call) for the requests whose suffix draft is below the HOWL
+        threshold and for which the router expects OWL to pay."""
+        out: list[Optional[Draft]] = [None] * len(views)
+        if self.owl is None or not self.breakers["owl_drafter"].closed:
+            return out
+        bs = len(views)
+        rows = [i for i, v in enumerate(views)
+                if budgets[i] > 0 and suffix[i].score < self.config.howl_threshold
+                and self.owl.has_state(v.rid)
+                and self.router.wants_source(v.rid, "owl", bs, min(budgets[i], self.owl.max_nodes))]
+        if not rows:
+            return out
+        t0 = time.perf_counter()
+        try:
+            self.faults.check("owl_drafter")
+            trees = self.owl.propose([DraftRequest(views[i].rid, views[i].output[-1], budgets[i])
+                                      for i in rows])
+            if self.faults.fires("owl_nan"):
+                trees[0].probs[:] = np.nan
+            trees = [self._checked(t, budgets[i]) for i, t in zip(rows, trees)]
+        except Exception:
+            self.fallback("owl_drafter", [views[i].rid for i in rows], "OWL draft")
+            return out
+        self.router.observe_draft_cost("owl", 1e3 * (time.perf_counter() - t0))
+        for i, tree in zip(rows, trees):
+            out[i] = tree
+        return out
+
+    def _checked(self, d: Draft, budget: int) -> Draft:
+        """A drafter's output, or ValueError (a drafter failure) if it is not a valid draft: over
+        budget, token ids outside the vocabulary, non-finite path probabilities."""
+        n = len(d)
+        if n > budget:
+            raise ValueError(f"{d.source} drafted {n} tokens for a budget of {budget}")
+        if n and (int(d.token_ids.min()) < 0 or int(d.token_ids.max()) >= self.vocab_size):
+            raise ValueError(f"{d.source} drafted a token id outside [0, {self.vocab_size})")
+        if n and not np.isfinite(d.probs).all():
+            raise ValueError(f"{d.source} drafted non-finite path probabilities")
+        return d
+
+    # ---- verification -------------------------------------------------------------------------
+    def verify(self, rids: Sequence[Hashable], drafts: Sequence[Draft], logits: torch.Tensor,
+               sampling: SamplingParams) -> VerifyResult:
+        """Verify the drafts against the target logits of a ragged verify batch (one row per slot,
+        request after request) and teach the router what was accepted. The plan's logit rules
+        must have been applied to the logits (`StepPlan.rules.apply`, by the engine adapter: its
+        logprobs must see them too, as in plain decoding)."""
+        self.faults.check("verify")
+        if sampling.all_greedy:
+            vr = verify_greedy(list(drafts), logits)
+        else:
+            vr = verify_sampling(list(drafts), logits, temperature=sampling.temperature,
+                                 top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p,
+                                 uniforms=sampling.uniforms)
+        self.record_verified(rids, drafts, vr.accept_lens.tolist())
+        return vr
+
+    def record_verified(self, rids, drafts, accepted: Sequence[int]) -> None:
+        c = self.counters
+        with_draft = 0
+        for rid, d, a in zip(rids, drafts, accepted):
+            if not len(d):
+                continue
+            with_draft += 1
+            self.router.observe(rid, len(d), int(a), expected=float(d.probs.sum()), source=d.source)
+            c.drafted += len(d)
+            c.accepted += int(a)
+            row = c.by_source.setdefault(d.source, [0, 0, 0])
+            row[0] += 1
+            row[1] += len(d)
+            row[2] += int(a)
+        if with_draft >= 2:
+            c.batched_verify_steps += 1
+        c.max_verify_batch = max(c.max_verify_batch, with_draft)
+
+    def record_step(self, kind: str, tokens: int, ms: float, forward_ms: float,
+                    attention_ms: float = 0.0) -> None:
+        """A finished forward step ('plain' or 'verify'): the router's cost model and counters."""
+        c = self.counters
+        verify = kind == "verify"
+        self.router.observe_step(tokens, ms, verify=verify)
+        if verify:
+            c.verify_steps += 1
+            c.verify_ms += ms
+            c.verify_forward_ms += forward_ms
+            c.verify_tokens += tokens
+        else:
+            c.plain_steps += 1
+            c.plain_ms += ms
+        row = c.step_profile.setdefault(f"{kind}:{tokens}", [0, 0.0, 0.0, 0.0])
+        row[0] += 1
+        row[1] += ms
+        row[2] += forward_ms
+        row[3] += attention_ms
+
+    # ---- introspection ------------------------------------------------------------------------
+    def stats(self) -> dict:
+        idx = self.index
+        return {
+            "active_requests": sorted(str(r) for r in self.suffix.indexed),
+            "num_active_requests": idx.num_active_requests,
+            "num_cached_responses": idx.num_cached_responses,
+            "cached_response_ids": [str(r) for _, r in idx.cached_responses()],
+            "index_memory_bytes": idx.memory_bytes(),
+            "index_global_bytes": idx.global_memory_bytes(),  # past outputs (bounded, FIFO)
+            "corpus_tokens": self.corpus.token_counts(),  # external corpus (bounded, FIFO)
+            "corpus_bytes": self.corpus.memory_bytes(),
+            "tracked_requests": len(self._prev),
+            "router_records": len(self.router),
+            "hidden_states": len(self.owl.hidden) if self.owl is not None else 0,
+            "injected_faults": dict(self.faults.injected),
+            "cost_model_ms": self.router.cost.params,  # (a, b, c) of the router's step model
+            "refusals": dict(self.router.refusals),
+            "breaker_trips": {k: b.trips for k, b in self.breakers.items()},
+            "breakers_open": sorted(k for k, b in self.breakers.items() if not b.closed),
+            **self.counters.as_dict(),
+        }
+
+
+def _tail(view: RequestView, n: int) -> list:
+    """The request's last n tokens (prompt + output) without copying the whole context."""
+    out = view.output
+    if len(out) >= n:
+        return list(out[len(out) - n:])
+    return list(view.prompt[max(len(view.prompt) - (n - len(out)), 0):]) + list(out)

@@ -1,0 +1,386 @@
+"""Per-request, per-step choice between a suffix draft, a model (OWL) draft, or no speculation.
+
+Why a router: a verify step of n draft tokens costs more than a plain decode step (on this CPU a
+few percent of a step per token; on a GPU little until the batch fills the device), so a draft is
+worth verifying only when its expected accepted length pays for it. The router therefore keeps
+
+- a cost model of the step itself (StepCostModel: time = a + b * tokens + c * is_verify, fitted
+  online from the worker's own step timings), which gives the path probability below which a draft
+  token costs more than it is expected to save;
+- a per-request, per-drafter record (accepted / expected, accepted per draft), shrunk towards the
+  drafter's server-wide record, which calibrates the
+  drafters' probabilities and decides whether drafting is worth calling at all: a request whose
+  drafts do not pay for the verify step and the drafter's own time (chat, for instance) stops
+  drafting, and tries again once that evidence has faded;
+- a backoff for requests whose drafts keep failing (plain decoding for a while, doubling up to a
+  cap), and a draft-token budget for the whole batch, filled best value first, which the server's
+  load (requests waiting for admission, KV headroom: Load, draft_budget) shrinks down to nothing
+  on a saturated server.
+
+A step verifies drafts only when the batch's expected tokens per second beat plain decoding's, so
+a request for which speculation does not pay stops paying for it.
+
+Engine-independent: works on sgl_longspec.drafters.draft.Draft objects and request ids.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Hashable, Optional, Sequence
+
+import numpy as np
+
+from sgl_longspec.drafters.draft import Draft
+
+
+@dataclass
+class RouterConfig:
+    min_score: float = 0.0  # minimum (calibrated) expected accepted tokens for a draft to be verified
+    howl_threshold: float = 2.0  # prefer the suffix draft when its score reaches this
+    batch_draft_budget: int = 64  # total draft tokens per verify step
+    max_draft_tokens: int = 15  # per request
+    backoff_steps: int = 8  # cap of the plain-decode pause after rejected drafts
+    cost_aware: bool = True  # prune drafts with the step cost model (False: verify every draft)
+    calibration_prior: float = 2.0  # pseudo-tokens of "drafts are right" before a request's history
+    # Load (see Load): each waiting request counts as this fraction of a running one when the
+    # batch budget is shared out, and with requests waiting this fraction of the KV pool stays
+    # free for their admission.
+    queue_weight: float = 0.5
+    kv_reserve: float = 0.05
+
+
+@dataclass(frozen=True)
+class Load:
+    """What the server carries besides the running batch, as the engine adapter reads it before
+    each decode step. None: unknown (no load limit from it)."""
+
+    waiting: int = 0  # requests queued for admission
+    kv_free_tokens: Optional[int] = None  # KV slots free or evictable from the prefix cache
+    kv_total_tokens: Optional[int] = None  # the KV pool's size
+
+
+class StepCostModel:
+    """Online linear model of one forward step: ms = a + b * tokens + c * [verify step].
+
+    tokens = tokens in the forward (batch size for a plain step, sum of 1 + draft size for a
+    verify step); c is what the verify path adds beyond its tokens (tree masks, rejection sampling,
+    KV compaction). Fitted by ridge-regularised least squares with exponential forgetting, so it
+    follows changes of batch size, context length and machine load. The ridge prior (b = a *
+    prior_token_cost, c = 0), set from the first observed step, keeps the fit well-posed while only
+    plain steps are seen, and as old verify observations decay it pulls b back to the prior, which
+    re-opens speculation that an unlucky estimate had closed.
+    """
+
+    def __init__(self, prior_token_cost: float = 0.05, decay: float = 0.97, prior_weight: float = 0.5):
+        self.prior_token_cost = prior_token_cost
+        self.decay = decay
+        self.prior_weight = prior_weight
+        self._xtx = np.zeros((3, 3))
+        self._xty = np.zeros(3)
+        self._prior: Optional[np.ndarray] = None
+        self._theta: Optional[np.ndarray] = None
+        self._ridge = np.diag([1.0, self.TYPICAL_TOKENS ** 2, 1.0]) * prior_weight
+        self.observations = 0
+
+    TYPICAL_TOKENS = 16.0  # scale of the token feature, for the ridge prior
+    def observe(self, tokens: int, ms: float, verify: bool) -> None:
+        if tokens <= 0 or not (ms > 0.0) or not np.isfinite(ms):
+            return
+        x = np.array([1.0, float(tokens), 1.0 if verify else 0.0])
+        if self._prior is None:
+            a0 = ms / (1.0 + self.prior_token_cost * tokens)
+            self._prior = np.array([a0, a0 * self.prior_token_cost, 0.0])
+        self._xtx = self.decay * self._xtx + np.outer(x, x)
+        self._xty = self.decay * self._xty + x * ms
+        self.observations += 1
+        # The prior weighs as much as `prior_weight` steps (the token feature on its own scale).
+        lhs = self._xtx + self._ridge
+        rhs = self._xty + self._ridge @ self._prior
+        theta = np.linalg.solve(lhs, rhs)
+        # Physical bounds: a step costs something; tokens and the verify path cost nothing negative.
+        theta[0] = max(theta[0], 1e-3)
+        theta[1] = max(theta[1], 0.0)
+        theta[2] = max(theta[2], 0.0)
+        self._theta = theta
+
+    @property
+    def params(self) -> Optional[tuple[float, float, float]]:
+        """(a, b, c) in ms, or None before the first observation."""
+        return None if self._theta is None else tuple(float(v) for v in self._theta)
+
+    def token_threshold(self, batch_size: int) -> float:
+        """Expected accepted tokens a draft token must bring to pay for itself: its marginal cost b
+        over the time one output token takes in plain decoding, (a + b * bs) / bs."""
+        if self._theta is None:
+            return 0.0
+        a, b, _ = self._theta
+        return b * batch_size / (a + b * batch_size)
+
+    def plain_ms_per_token(self, batch_size: int) -> Optional[float]:
+        """Time one output token takes in a plain decode step of this batch size."""
+        if self._theta is None:
+            return None
+        a, b, _ = self._theta
+        return (a + b * batch_size) / batch_size
+
+    def speedup(self, batch_size: int, expected_tokens: float, draft_tokens: int) -> float:
+        """Predicted tokens/s of a verify step with these drafts over a plain step's."""
+        if self._theta is None:
+            return float("inf") if expected_tokens > 0 else 1.0
+        a, b, c = self._theta
+        plain = batch_size / (a + b * batch_size)
+        spec = (batch_size + expected_tokens) / (a + b * (batch_size + draft_tokens) + c)
+        return spec / plain
+
+
+@dataclass
+class _ReqState:
+    skip: dict = field(default_factory=dict)  # source -> steps left without drafts from it
+    penalty: dict = field(default_factory=dict)  # source -> current backoff length
+    drafted: int = 0
+    accepted: int = 0
+    steps: int = 0  # verify steps with a draft
+    plain_steps: int = 0  # steps without a draft
+    # per draft source ("suffix", "corpus", "owl"): decayed [expected, accepted] sums behind the calibration
+    calib: dict = field(default_factory=dict)
+
+
+@dataclass
+class RouterStats:
+    drafted: int
+    accepted: int
+    steps: int
+    plain_steps: int
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
+@dataclass
+class Router:
+    config: RouterConfig = field(default_factory=RouterConfig)
+    cost: StepCostModel = field(default_factory=StepCostModel)
+    _reqs: dict = field(default_factory=dict)
+
+    CALIBRATION_DECAY = 0.9  # per verify step of a source: recent drafts count more
+    RECOVERY_DECAY = 0.95  # per step without a draft: evidence fades, so drafting is tried again
+    GLOBAL_DECAY = 0.98  # per verify observation: the server-wide record of each drafter
+    GLOBAL_FADE = 0.998  # per request step without a draft
+    PRIOR_ACCEPTED = 2.0  # accepted tokens per draft believed before any record exists
+    _draft_ms: dict = field(default_factory=dict)  # source -> EMA of one drafting call (ms)
+    # source -> decayed [expected, accepted, drafts, draft tokens] over all requests: the prior of
+    # a request's own record (hierarchical), so that on chat traffic a new request starts as
+    # skeptical as its predecessors ended, and on copy traffic as confident.
+    _global: dict = field(default_factory=dict)
+    # drafts not verified, by reason: "unprofitable" (below the break-even probability or
+    # --longspec-min-score), "batch_budget", "step_slower_than_plain" (the whole step vetoed)
+    refusals: Counter = field(default_factory=Counter)
+
+    def _prior(self, source: str) -> tuple[float, float, float]:
+        """(calibration, accepted per draft, tokens per draft) believed for a new request."""
+        e, h, n, l = self._global.get(source, (0.0, 0.0, 0.0, 0.0))
+        k0 = min((h + 1.0) / (e + 1.0), 1.5)
+        accepted = (h + self.PRIOR_ACCEPTED) / (n + 1.0)
+        length = (l + self.PRIOR_ACCEPTED) / (n + 1.0)
+        return k0, accepted, length
+
+    def calibration(self, req_id: Hashable, source: str = "suffix") -> float:
+        """Factor on a drafter's path probabilities for this request: accepted / expected over its
+        recent verify steps, shrunk towards the drafter's server-wide calibration."""
+        e, h, _, _ = self._state(req_id).calib.get(source, (0.0, 0.0, 0.0, 0.0))
+        m = self.config.calibration_prior
+        k0, _, _ = self._prior(source)
+        return min((h + m * k0) / (e + m), 1.5)
+
+    def observe_step(self, tokens: int, ms: float, verify: bool) -> None:
+        """Feed the step cost model with one forward step's size and wall time."""
+        self.cost.observe(tokens, ms, verify)
+
+    def observe_draft_cost(self, source: str, ms: float) -> None:
+        """Wall time of one batched drafting call of a model drafter (the suffix index is ~free)."""
+        old = self._draft_ms.get(source)
+        self._draft_ms[source] = ms if old is None else 0.8 * old + 0.2 * ms
+
+    def wants_source(self, req_id: Hashable, source: str, batch_size: int,
+                     max_tokens: int) -> bool:
+        """Whether drafting from `source` pays for this request now: the tokens its recent drafts
+        got accepted (decayed mean per verified draft, optimistic prior) must exceed what a draft
+        costs in output-token time: the verify path's fixed cost, its tokens, and the drafter's
+        own time."""
+        if not self.wants_draft(req_id, source):
+            return False
+        if not self.config.cost_aware or self.cost.params is None:
+            return True
+        a, b, c = self.cost.params
+        token_ms = self.cost.plain_ms_per_token(batch_size)
+        _, hits, count, length = self._state(req_id).calib.get(source, (0.0, 0.0, 0.0, 0.0))
+        m = self.config.calibration_prior
+        _, prior_accepted, prior_len = self._prior(source)
+        accepted = (hits + m * prior_accepted) / (count + m)
+        # The record (pruned drafts, as verified), not max_tokens, says what a draft costs.
+        typical_len = min(max_tokens, (length + m * prior_len) / (count + m))
+        # A verify step's fixed cost is shared by the batch's drafts.
+        cost_ms = c / batch_size + b * typical_len + self._draft_ms.get(source, 0.0) / batch_size
+        return accepted * token_ms > cost_ms
+
+    def _state(self, req_id: Hashable) -> _ReqState:
+        st = self._reqs.get(req_id)
+        if st is None:
+            st = self._reqs[req_id] = _ReqState()
+        return st
+
+    def wants_draft(self, req_id: Hashable, source: Optional[str] = None) -> bool:
+        """False while the request is backed off for `source` (None: for every drafter), after
+        drafts from it were rejected outright."""
+        skip = self._state(req_id).skip
+        if source is not None:
+            return skip.get(source, 0) <= 0
+        return any(skip.get(src, 0) <= 0 for src in {"suffix", "owl", *skip})
+
+    def pick(self, suffix: Optional[Draft], model: Optional[Draft] = None,
+             req_id: Optional[Hashable] = None) -> Draft:
+        """HOWL rule: the suffix chain when its score is high, else the model tree, else the better
+        (scores calibrated by the request's record of each drafter when req_id is given)."""
+        cfg = self.config
+        if suffix is not None and len(suffix) and suffix.score >= cfg.howl_threshold:
+            return suffix
+        candidates = [d for d in (model, suffix) if d is not None and len(d)]
+        if not candidates:
+            return Draft.empty()
+        if req_id is None:
+            return max(candidates, key=lambda d: d.score)
+        return max(candidates, key=lambda d: d.score * self.calibration(req_id, d.source))
+
+    def better(self, a: Draft, b: Draft, req_id: Hashable) -> Draft:
+        """The draft with the larger calibrated score (ties: a); empty drafts lose."""
+        if not len(b):
+            return a
+        if not len(a):
+            return b
+        return b if (b.score * self.calibration(req_id, b.source)
+                     > a.score * self.calibration(req_id, a.source)) else a
+
+    def draft_budget(self, batch_size: int, load: Optional[Load] = None) -> int:
+        """Draft tokens this step may verify in all, given the load.
+
+        Requests waiting mean the server is at its concurrency limit: what counts then is the
+        throughput of everyone, queued requests included, so the budget is shared out as if each
+        waiting request were `queue_weight` of a running one (16 running, 48 waiting: 40% of it).
+        The KV pool bounds it too: accepted tokens grow the cache faster than plain decoding, and
+        with the pool nearly full and requests waiting that growth forces SGLang to retract
+        running requests (which redo their prefill later), so `kv_reserve` of the pool stays free
+        for admissions. 0 = saturated: verify nothing (and draft nothing)."""
+        cfg = self.config
+        budget = cfg.batch_draft_budget
+        if load is None or batch_size <= 0:
+            return budget
+        waiting = max(0, int(load.waiting))
+        if waiting:
+            budget = int(budget * batch_size / (batch_size + cfg.queue_weight * waiting))
+        if load.kv_free_tokens is not None:
+            reserve = int(cfg.kv_reserve * (load.kv_total_tokens or 0)) if waiting else 0
+            budget = min(budget, max(0, int(load.kv_free_tokens) - reserve))
+        return max(0, budget)
+
+    def plan_batch(self, req_ids: Sequence[Hashable], drafts: Sequence[Draft],
+                   budget: Optional[int] = None) -> list[Draft]:
+        """Choose what to verify this step: prune each draft to the tokens that pay for their cost,
+        fill the batch budget (`budget`, default the configured one; see draft_budget) best value
+        per token first, and verify nothing at all when the step as a whole would be slower than
+        plain decoding."""
+        cfg = self.config
+        bs = len(drafts)
+        theta = self.cost.token_threshold(bs) if cfg.cost_aware else 0.0
+        out = [Draft.empty()] * bs
+        values = [0.0] * bs
+        refused = [False] * bs  # a draft that did not pay for itself (not one the budget cut)
+        for i, (rid, d) in enumerate(zip(req_ids, drafts)):
+            if not len(d):
+                continue
+            k = self.calibration(rid, d.source)
+            d = d.pruned(theta / k) if theta > 0.0 else d
+            d = d.truncated(cfg.max_draft_tokens)
+            expected = k * float(d.probs.sum())
+            if len(d) and expected >= cfg.min_score:
+                out[i], values[i] = d, expected
+            else:
+                refused[i] = True
+                self.refusals["unprofitable"] += 1
+        order = sorted((i for i in range(bs) if len(out[i])), key=lambda i: -values[i] / len(out[i]))
+        budget = cfg.batch_draft_budget if budget is None else budget
+        for i in order:
+            d = out[i]
+            if budget <= 0:
+                out[i] = Draft.empty()
+                continue
+            if len(d) > budget:
+                d = out[i] = d.truncated(budget)
+                values[i] = self.calibration(req_ids[i], d.source) * float(d.probs.sum())
+            budget -= len(d)
+        if budget <= 0:
+            self.refusals["batch_budget"] += sum(1 for i in order if not len(out[i]))
+        if cfg.cost_aware:
+            gain = sum(v for v, d in zip(values, out) if len(d))
+            tokens = sum(len(d) for d in out)
+            if tokens and self.cost.speedup(bs, gain, tokens) <= 1.0:
+                self.refusals["step_slower_than_plain"] += sum(1 for d in out if len(d))
+                refused = [r or bool(len(d)) for r, d in zip(refused, out)]
+                out = [Draft.empty()] * bs
+        for i, (rid, d) in enumerate(zip(req_ids, out)):
+            st = self._state(rid)
+            for src in st.skip:  # backoffs count decode steps, whichever drafter ran meanwhile
+                st.skip[src] -= 1
+            if refused[i]:
+                # Drafting that is never verified only costs drafter time: back off as after a
+                # rejection, so that traffic speculation cannot help pays (almost) nothing.
+                self._back_off(st, drafts[i].source)
+            if len(d) == 0:
+                st.plain_steps += 1
+                for c in st.calib.values():
+                    for j in range(4):
+                        c[j] *= self.RECOVERY_DECAY
+                for g in self._global.values():  # so the server-wide record cannot lock drafting out
+                    for j in range(4):
+                        g[j] *= self.GLOBAL_FADE
+        return out
+
+    def observe(self, req_id: Hashable, drafted: int, accepted: int,
+                expected: Optional[float] = None, source: str = "suffix") -> None:
+        """Record a verify outcome (expected = the drafter's uncalibrated expected accepted length of
+        the verified draft, the sum of its path probabilities); a draft with nothing accepted
+        doubles the backoff."""
+        if drafted <= 0:
+            return
+        st = self._state(req_id)
+        st.steps += 1
+        st.drafted += drafted
+        st.accepted += accepted
+        if expected is not None:
+            c = st.calib.setdefault(source, [0.0, 0.0, 0.0, 0.0])  # expected, hits, drafts, tokens
+            g = self._global.setdefault(source, [0.0, 0.0, 0.0, 0.0])
+            for j, x in enumerate((expected, accepted, 1.0, drafted)):
+                c[j] = self.CALIBRATION_DECAY * c[j] + x
+                g[j] = self.GLOBAL_DECAY * g[j] + x
+        if accepted == 0:
+            self._back_off(st, source)
+        else:
+            st.penalty[source] = 0
+            st.skip[source] = 0
+
+    def _back_off(self, st: _ReqState, source: str) -> None:
+        """No drafts from `source` for this request for a while, doubling up to the cap."""
+        st.penalty[source] = min(max(1, 2 * st.penalty.get(source, 0)), self.config.backoff_steps)
+        st.skip[source] = st.penalty[source]
+
+    def stats(self, req_id: Hashable) -> RouterStats:
+        st = self._state(req_id)
+        return RouterStats(st.drafted, st.accepted, st.steps, st.plain_steps)
+
+    def forget(self, req_id: Hashable) -> Optional[RouterStats]:
+        st = self._reqs.pop(req_id, None)
+        return None if st is None else RouterStats(st.drafted, st.accepted, st.steps, st.plain_steps)
+
+    def __len__(self) -> int:
+        return len(self._reqs)
