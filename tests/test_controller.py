@@ -499,7 +499,7 @@ def test_circuit_breaker_stops_a_failing_drafter_and_retries_later():
     """A drafter that fails for every request trips the breaker after 5 failures: it is not
     called during the cooldown, is retried afterwards, and a second trip waits twice as long.
     Outputs stay exact throughout."""
-    from sgl_longspec.step.controller import CircuitBreaker
+    from sgl_longspec.step.breaker import CircuitBreaker
 
     ctl = controller()
     calls = []

@@ -24,6 +24,10 @@ from sgl_longspec.step.router import Router, RouterConfig
 
 LONGSPEC_ARGS = ("--speculative-algorithm", "LONGSPEC", "--speculative-num-draft-tokens", "16",
                  "--random-seed", "0")
+# For tests that count what speculation did: the cost-aware router decides from measured step
+# times, and on a loaded machine it may rightly refuse every draft (its refusals have their own
+# tests); the shared `longspec` server keeps it on, for identity under the default router.
+FIXED_ROUTER = ("--longspec-cost-aware", "false")
 PLAIN_ARGS = ("--random-seed", "0")
 MAX_NEW = 40
 
@@ -806,7 +810,7 @@ def test_retracted_requests_finish_losslessly(server_pool, plain_outputs, tmp_pa
     with plain decoding's output, retraction really happened (SGLang's log), drafts were accepted
     with nothing falling back, and the worker tracks nothing afterwards."""
     stats_file = tmp_path / "retract_stats.json"
-    srv = server_pool.get(LONGSPEC_ARGS, env={"SGLANG_TEST_RETRACT": "1", "SGLANG_TEST_RETRACT_INTERVAL": "10",
+    srv = server_pool.get(LONGSPEC_ARGS + FIXED_ROUTER, env={"SGLANG_TEST_RETRACT": "1", "SGLANG_TEST_RETRACT_INTERVAL": "10",
                                               "LONGSPEC_STATS_FILE": str(stats_file)})
     idx = list(range(6))
     with ThreadPoolExecutor(len(idx)) as ex:
@@ -830,7 +834,7 @@ def test_prometheus_counters_match_the_worker(server_pool, tmp_path):
     import requests
 
     stats_file = tmp_path / "metrics_stats.json"
-    srv = server_pool.get(LONGSPEC_ARGS + ("--enable-metrics",),
+    srv = server_pool.get(LONGSPEC_ARGS + FIXED_ROUTER + ("--enable-metrics",),
                           env={"LONGSPEC_STATS_FILE": str(stats_file)})
     greedy(srv, PROMPTS[:4])
     text = requests.get(srv.base_url + "/metrics", timeout=60).text
@@ -867,7 +871,7 @@ def test_external_corpus_drafts_what_no_prompt_held(server_pool, tmp_path):
     # The cost-aware router off: the test counts what the corpus drafts, and the router's
     # timing-based refusals (per machine and load) would decide part of that.
     srv = server_pool.get(LONGSPEC_ARGS + ("--longspec-global-cache-requests", "0",
-                                           "--longspec-cost-aware", "false",
+                                           *FIXED_ROUTER,
                                            "--longspec-corpus", str(repo),
                                            "--admin-api-key", "corpus-admin"),
                           env={"LONGSPEC_STATS_FILE": str(stats_file)})
@@ -913,7 +917,7 @@ def test_owl_drafts_greedy_identical_to_plain(server_pool, plain_outputs, tmp_pa
     """OWL-only LONGSPEC (`--longspec-suffix-drafts false`): the shipped drafter's trees are
     verified, some of their tokens accepted, and greedy output stays identical to plain decoding."""
     stats_file = tmp_path / "owl_stats.json"
-    srv = server_pool.get(LONGSPEC_ARGS + ("--longspec-suffix-drafts", "false"),
+    srv = server_pool.get(LONGSPEC_ARGS + FIXED_ROUTER + ("--longspec-suffix-drafts", "false"),
                           env={"LONGSPEC_STATS_FILE": str(stats_file)})
     spec = greedy(srv, PROMPTS)
     for i, (a, b) in enumerate(zip(plain_outputs["single"], spec)):
@@ -943,7 +947,7 @@ def test_injected_faults_fall_back_losslessly(server_pool, plain_outputs, tmp_pa
            "LONGSPEC_INJECT_FAULTS": FAULT_SPEC}
     # The cost-aware router off: its timing-based refusals would change how often the drafting
     # points are reached (tests/test_controller.py pins the visits each point needs to fire).
-    srv = server_pool.get(LONGSPEC_ARGS + ("--longspec-cost-aware", "false"), env=env)
+    srv = server_pool.get(LONGSPEC_ARGS + FIXED_ROUTER, env=env)
     n = 12
     spec = greedy(srv, PROMPTS[:n])
     for i, (a, b) in enumerate(zip(plain_outputs["single"][:n], spec)):
@@ -962,11 +966,11 @@ def test_bare_sglang_launch_server_longspec(server_pool, plain_outputs, tmp_path
     """`python -m sglang.launch_server --speculative-algorithm LONGSPEC` with nothing else that
     LONGSPEC needs: the plugin derives the verify window, selects its CPU attention backend, and
     the --longspec-* flags reach it through SGLang's own parser. Greedy output equals plain
-    decoding, drafts were verified, nothing fell back."""
+    decoding, drafts were verified, nothing fell back (the router fixed: FIXED_ROUTER)."""
     stats_file = tmp_path / "bare_stats.json"
     srv = server_pool.get(("--device", "cpu", "--dtype", "float32", "--max-total-tokens", "32768",
                            "--speculative-algorithm", "LONGSPEC", "--longspec-max-spec-tokens", "15",
-                           "--random-seed", "0"),
+                           "--random-seed", "0") + FIXED_ROUTER,
                           env={"LONGSPEC_STATS_FILE": str(stats_file)}, bare=True)
     log = srv.log_path.read_text(errors="replace")
     assert "attention backend longspec_cpu" in log and "window=16" in log
@@ -985,7 +989,7 @@ def test_tensor_parallel_two_ranks_on_cpu(server_pool, tmp_path):
     prompts = PROMPTS[:3] + PROMPTS[10:13]
     plain = greedy(server_pool.get(("--tp", "2", "--random-seed", "0")), prompts)
     stats_file = tmp_path / "tp_stats.json"
-    srv = server_pool.get(LONGSPEC_ARGS + ("--tp", "2"), env={"LONGSPEC_STATS_FILE": str(stats_file)})
+    srv = server_pool.get(LONGSPEC_ARGS + FIXED_ROUTER + ("--tp", "2"), env={"LONGSPEC_STATS_FILE": str(stats_file)})
     spec = greedy(srv, prompts)
     for i, (a, b) in enumerate(zip(plain, spec)):
         assert a["output_ids"] == b["output_ids"], f"prompt {i} differs under --tp 2"

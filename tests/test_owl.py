@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from sgl_longspec.drafters.draft import Draft
 from sgl_longspec.drafters.owl import build_drafter, load_drafter, shipped_checkpoint
-from sgl_longspec.drafters.owl.model import CONFIG_NAME, WEIGHTS_NAME, OwlDrafter
+from sgl_longspec.drafters.owl.model import CONFIG_NAME, WEIGHTS_NAME, OwlModel
 
 V, H = 300, 32
 
@@ -35,7 +35,7 @@ def make_target(seed=0, vocab=V, hidden=H):
     return emb  # tied: the LM head is the same module
 
 
-def make_drafter(seed=0, n_predict=3, proj=24, vocab=V, hidden=H) -> OwlDrafter:
+def make_drafter(seed=0, n_predict=3, proj=24, vocab=V, hidden=H) -> OwlModel:
     emb = make_target(seed, vocab, hidden)
     torch.manual_seed(seed + 1)
     d = build_drafter(emb, emb, n_predict=n_predict, proj_dim=proj, target_model="toy")
@@ -74,7 +74,7 @@ def test_wrong_target_shape_rejected():
     emb = make_target()
     d = make_drafter()
     with pytest.raises(ValueError, match="shape"):
-        OwlDrafter(d.config, torch.nn.Embedding(V + 1, H), emb)
+        OwlModel(d.config, torch.nn.Embedding(V + 1, H), emb)
 
 
 # -------------------------------------------------------------------------------------- drafts
@@ -116,7 +116,7 @@ def test_tree_invariants(top_k, max_nodes):
         np.testing.assert_allclose(single.probs, drafts[b].probs, rtol=1e-4)
 
 
-def _brute_force_tree(d: OwlDrafter, hid, root, top_k, max_nodes, depth):
+def _brute_force_tree(d: OwlModel, hid, root, top_k, max_nodes, depth):
     """Every node of the full top-k tree to ``depth``, then the max_nodes most probable."""
     nodes = []  # (prob, depth, path tokens)
     with torch.no_grad():
@@ -453,7 +453,7 @@ def test_long_text_sequences_and_chunked_recording():
 
 
 # ---------------------------------------------------------------------------- draft vocabulary
-def brute_force_restricted_chain(d: OwlDrafter, hidden, root, ids: torch.Tensor, length: int):
+def brute_force_restricted_chain(d: OwlModel, hidden, root, ids: torch.Tensor, length: int):
     """Reference: the greedy chain when every step's argmax is taken over `ids` only."""
     state, tok, out = d.init_state(hidden[None]), torch.tensor([root]), []
     for _ in range(length):

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 from sgl_longspec.drafters.draft import Draft
-from sgl_longspec.drafters.suffix_index import SuffixIndex, SuffixIndexConfig
+from sgl_longspec.drafters.suffix_index import INT32_MAX, SuffixIndex, SuffixIndexConfig
 
 __all__ = ["SuffixCorpus", "iter_text_files", "load_paths"]
 
@@ -40,7 +40,8 @@ class SuffixCorpus:
         self.max_depth = int(max_depth)
         self.chunk_tokens = int(chunk_tokens)
         self.index = SuffixIndex(SuffixIndexConfig(
-            max_depth=max_depth, max_cached_responses=2**31 - 1, max_cache_bytes=self.max_bytes,
+            max_depth=max_depth, max_cached_responses=INT32_MAX,  # bound by bytes only
+            max_cache_bytes=self.max_bytes,
             eviction="fifo", max_spec_tokens=max_spec_tokens, spec_factor=spec_factor,
             spec_offset=spec_offset, min_token_prob=min_token_prob, max_tree_nodes=max_spec_tokens))
         # chunk (the index's global sequence id, which the index reuses once freed) -> its tokens,

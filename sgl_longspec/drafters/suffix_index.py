@@ -58,7 +58,8 @@ from sgl_longspec.drafters.draft import Draft
 
 __all__ = ["SuffixIndex", "SuffixIndexConfig"]
 
-_MAX_TOKEN_ID = 2**31 - 1
+# The C++ core stores token ids and counts as int32.
+INT32_MAX = 2**31 - 1
 
 
 @dataclass
@@ -85,8 +86,8 @@ class SuffixIndexConfig:
 
         _int("max_depth", 1, 4096)
         if self.vocab_size is not None:
-            _int("vocab_size", 1, _MAX_TOKEN_ID)
-        _int("max_cached_responses", 0, 2**31 - 1)
+            _int("vocab_size", 1, INT32_MAX)
+        _int("max_cached_responses", 0, INT32_MAX)
         _int("max_cache_bytes", 0, 2**62)
         _int("max_spec_tokens", 0, 65536)
         _int("max_tree_nodes", 0, 65536)
@@ -145,7 +146,7 @@ class SuffixIndex:
             cfg = SuffixIndexConfig(**{**cfg.__dict__, **overrides})
         cfg.validate()
         self.config = cfg
-        vocab = cfg.vocab_size if cfg.vocab_size is not None else _MAX_TOKEN_ID
+        vocab = cfg.vocab_size if cfg.vocab_size is not None else INT32_MAX
         self._core = _suffix_core.Core(int(cfg.max_depth), int(vocab))
         self._handles: dict[Hashable, int] = {}
         # global sequence id -> request id, oldest (FIFO) / least recently used (LRU) first

@@ -24,7 +24,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, Optional, Protocol, Sequence
+from typing import Callable, Hashable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -32,11 +32,15 @@ import torch
 from sgl_longspec.adapter.config import LongSpecConfig
 from sgl_longspec.drafters.corpus import SuffixCorpus
 from sgl_longspec.drafters.draft import Draft
-from sgl_longspec.step.faults import Faults
-from sgl_longspec.verify.logit_rules import LogitRules, StepRules, grammar_prune
-from sgl_longspec.step.router import Load, Router, RouterConfig
+from sgl_longspec.drafters.owl.drafter import OwlDrafter
+from sgl_longspec.drafters.protocol import DraftRequest, Drafter
+from sgl_longspec.drafters.suffix_drafter import SuffixDrafter
 from sgl_longspec.drafters.suffix_index import SuffixIndex, SuffixIndexConfig
+from sgl_longspec.step.breaker import CircuitBreaker
+from sgl_longspec.step.faults import Faults
+from sgl_longspec.step.router import Load, Router, RouterConfig
 from sgl_longspec.verify.acceptance import VerifyResult, verify_greedy, verify_sampling
+from sgl_longspec.verify.logit_rules import LogitRules, StepRules, grammar_prune
 
 logger = logging.getLogger("sgl_longspec")
 
@@ -59,144 +63,6 @@ class RequestView:
 
 
 @dataclass
-class DraftRequest:
-    rid: Hashable
-    root: int  # last committed token
-    budget: int  # most draft tokens
-
-
-class Drafter(Protocol):
-    """A source of drafts. `propose` gets the requests of one step that want its drafts and
-    returns one Draft each (empty for none); `forget` releases a request's state."""
-
-    name: str
-
-    def propose(self, requests: Sequence[DraftRequest]) -> list[Draft]: ...
-
-    def forget(self, rid: Hashable, keep_output: bool) -> None: ...
-
-
-class SuffixDrafter:
-    """The suffix index as a drafter; it also owns the request's token stream (`sync`)."""
-
-    name = "suffix"
-
-    def __init__(self, index: SuffixIndex):
-        self.index = index
-        self.indexed: dict[Hashable, int] = {}  # rid -> tokens indexed
-
-    def sync(self, view: RequestView) -> None:
-        """Bring the request's tree to prompt + output (appending only what is new)."""
-        rid, prompt, output = view.rid, view.prompt, view.output
-        total = len(prompt) + len(output)
-        have = self.indexed.get(rid)
-        if have is not None and have > total:  # retracted and re-admitted: start over
-            self.index.abort_request(rid)
-            have = None
-        if have is None:
-            self.index.start_request(rid, list(prompt) + list(output))
-        elif have < total:
-            if have >= len(prompt):
-                new = list(output[have - len(prompt):])
-            else:
-                new = list(prompt[have:]) + list(output)
-            self.index.extend(rid, new)
-        self.indexed[rid] = total
-
-    def propose(self, requests: Sequence[DraftRequest]) -> list[Draft]:
-        return [self.index.speculate(r.rid, max_spec_tokens=r.budget, max_tree_nodes=r.budget)
-                for r in requests]
-
-    def forget(self, rid: Hashable, keep_output: bool) -> None:
-        if self.indexed.pop(rid, None) is None:
-            return
-        if keep_output:
-            self.index.finish_request(rid, keep_in_global=True)
-        else:
-            self.index.abort_request(rid)
-
-
-class OwlDrafter:
-    """The OWL LSTM drafter: one batched tree per step, from the target hidden state that produced
-    each request's root token (`remember`)."""
-
-    name = "owl"
-
-    def __init__(self, model, top_k: int, max_nodes: int):
-        self.model = model
-        self.top_k = top_k
-        self.max_nodes = max_nodes
-        self.hidden: dict[Hashable, torch.Tensor] = {}
-
-    def remember(self, rids: Sequence[Hashable], hidden: torch.Tensor) -> None:
-        for b, rid in enumerate(rids):
-            self.hidden[rid] = hidden[b]
-
-    def has_state(self, rid: Hashable) -> bool:
-        return rid in self.hidden
-
-    def retain(self, rids: set) -> None:
-        """Drop the states of requests outside `rids` (e.g. finished during prefill, never
-        decoded, so never released as departed)."""
-        for rid in [r for r in self.hidden if r not in rids]:
-            del self.hidden[rid]
-
-    def propose(self, requests: Sequence[DraftRequest]) -> list[Draft]:
-        if not requests:
-            return []
-        hidden = torch.stack([self.hidden[r.rid] for r in requests]).to(
-            self.model.embedding_weight.dtype)
-        max_nodes = min(self.max_nodes, max(r.budget for r in requests))
-        trees = self.model.draft_tree(hidden, [r.root for r in requests], top_k=self.top_k,
-                                      max_nodes=max_nodes)
-        return [t.truncated(r.budget) for t, r in zip(trees, requests)]
-
-    def forget(self, rid: Hashable, keep_output: bool) -> None:
-        self.hidden.pop(rid, None)
-
-
-class CircuitBreaker:
-    """Trips when a drafter keeps failing, so that a broken drafter costs nothing for a while
-    instead of failing (and turning another request plain) at every step; retries later.
-
-    Counted in decode steps (deterministic, testable): `failures` failures within `window` steps
-    open it for `cooldown` steps; each trip doubles the next cooldown (up to `max_cooldown`), and a
-    full window without failure after a retry restores the base cooldown.
-    """
-
-    def __init__(self, failures: int = 5, window: int = 50, cooldown: int = 200,
-                 max_cooldown: int = 3200):
-        self.failures, self.window = failures, window
-        self.base_cooldown, self.max_cooldown = cooldown, max_cooldown
-        self.cooldown = cooldown
-        self.now = 0
-        self.open_until = 0
-        self.recent: list[int] = []
-        self.trips = 0
-
-    def step(self) -> None:
-        self.now += 1
-        if self.cooldown != self.base_cooldown and self.now >= self.open_until + self.window \
-                and not self.recent:
-            self.cooldown = self.base_cooldown
-
-    @property
-    def closed(self) -> bool:
-        return self.now >= self.open_until
-
-    def failed(self) -> bool:
-        """Record a failure; True if it tripped the breaker."""
-        self.recent = [t for t in self.recent if self.now - t < self.window] + [self.now]
-        if len(self.recent) < self.failures:
-            return False
-        self.open_until = self.now + self.cooldown
-        self.cooldown = min(2 * self.cooldown, self.max_cooldown)
-        self.recent = []
-        self.trips += 1
-        return True
-
-
-@dataclass
 class StepPlan:
     """The router's decision for one decode step: a draft per request (empty = no draft)."""
 
@@ -212,10 +78,6 @@ class StepPlan:
     def needs_verify_path(self) -> bool:
         """Verify (drafts, or rules that only the verify path applies exactly: penalties)."""
         return self.verify or (self.rules is not None and self.rules.stateful)
-
-    @property
-    def draft_tokens(self) -> int:
-        return sum(len(d) for d in self.drafts)
 
 
 @dataclass
@@ -355,7 +217,7 @@ class LongSpecController:
                 except Exception:  # counted and logged; the request is plain already
                     self.fallback("release", [], f"forgetting {rid} in {drafter.name}")
 
-    def _drafters(self) -> list:
+    def _drafters(self) -> list[Drafter]:
         return [self.suffix] + ([self.owl] if self.owl is not None else [])
 
     # ---- lifecycle ----------------------------------------------------------------------------

@@ -168,6 +168,13 @@ class Router:
     RECOVERY_DECAY = 0.95  # per step without a draft: evidence fades, so drafting is tried again
     GLOBAL_DECAY = 0.98  # per verify observation: the server-wide record of each drafter
     GLOBAL_FADE = 0.998  # per request step without a draft
+    # Most a record may raise a drafter's own probabilities: a lucky streak must not let long,
+    # unlikely drafts through the cost threshold (the drafters' probabilities are roughly
+    # calibrated already; a record mostly lowers them).
+    CALIBRATION_CAP = 1.5
+    # Weight of the newest drafting-call time in its running average: follows a change of load
+    # within ~5 calls without letting one slow call (a GC pause) close a drafter.
+    DRAFT_MS_WEIGHT = 0.2
     PRIOR_ACCEPTED = 2.0  # accepted tokens per draft believed before any record exists
     _draft_ms: dict = field(default_factory=dict)  # source -> EMA of one drafting call (ms)
     # source -> decayed [expected, accepted, drafts, draft tokens] over all requests: the prior of
@@ -181,7 +188,7 @@ class Router:
     def _prior(self, source: str) -> tuple[float, float, float]:
         """(calibration, accepted per draft, tokens per draft) believed for a new request."""
         e, h, n, l = self._global.get(source, (0.0, 0.0, 0.0, 0.0))
-        k0 = min((h + 1.0) / (e + 1.0), 1.5)
+        k0 = min((h + 1.0) / (e + 1.0), self.CALIBRATION_CAP)
         accepted = (h + self.PRIOR_ACCEPTED) / (n + 1.0)
         length = (l + self.PRIOR_ACCEPTED) / (n + 1.0)
         return k0, accepted, length
@@ -192,7 +199,7 @@ class Router:
         e, h, _, _ = self._state(req_id).calib.get(source, (0.0, 0.0, 0.0, 0.0))
         m = self.config.calibration_prior
         k0, _, _ = self._prior(source)
-        return min((h + m * k0) / (e + m), 1.5)
+        return min((h + m * k0) / (e + m), self.CALIBRATION_CAP)
 
     def observe_step(self, tokens: int, ms: float, verify: bool) -> None:
         """Feed the step cost model with one forward step's size and wall time."""
@@ -201,7 +208,8 @@ class Router:
     def observe_draft_cost(self, source: str, ms: float) -> None:
         """Wall time of one batched drafting call of a model drafter (the suffix index is ~free)."""
         old = self._draft_ms.get(source)
-        self._draft_ms[source] = ms if old is None else 0.8 * old + 0.2 * ms
+        w = self.DRAFT_MS_WEIGHT
+        self._draft_ms[source] = ms if old is None else (1.0 - w) * old + w * ms
 
     def wants_source(self, req_id: Hashable, source: str, batch_size: int,
                      max_tokens: int) -> bool:
@@ -378,9 +386,8 @@ class Router:
         st = self._state(req_id)
         return RouterStats(st.drafted, st.accepted, st.steps, st.plain_steps)
 
-    def forget(self, req_id: Hashable) -> Optional[RouterStats]:
-        st = self._reqs.pop(req_id, None)
-        return None if st is None else RouterStats(st.drafted, st.accepted, st.steps, st.plain_steps)
+    def forget(self, req_id: Hashable) -> None:
+        self._reqs.pop(req_id, None)
 
     def __len__(self) -> int:
         return len(self._reqs)

@@ -16,7 +16,6 @@ where hidden[i] is the state whose logits produced g[i] (hidden[0] is the last p
 
 from __future__ import annotations
 
-import glob
 import gzip
 import hashlib
 import importlib.util

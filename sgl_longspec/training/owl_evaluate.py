@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from sgl_longspec.training import owl_data
 from sgl_longspec.drafters.owl.model import load_drafter
+from sgl_longspec.training import owl_data
 from sgl_longspec.training.owl_train import evaluate_examples, load_target
 
 def long_prompt_ids(tok, n_tokens: int, index: int, seed: int = 0) -> list[int]:

@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from sgl_longspec.drafters.owl.model import OwlModel, build_drafter, load_drafter
 from sgl_longspec.training import owl_data
-from sgl_longspec.drafters.owl.model import OwlDrafter, build_drafter, load_drafter
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -162,12 +162,11 @@ def build_data(args, model_path, tok, model) -> dict[str, list[dict]]:
 
 
 @torch.no_grad()
-def evaluate_examples(drafter: OwlDrafter, hidden, inputs, labels, batch_size: int = 256) -> dict:
+def evaluate_examples(drafter: OwlModel, hidden, inputs, labels, batch_size: int = 256) -> dict:
     """Per-step conditional acceptance and expected chain tau of the drafter as it drafts (over
     its draft vocabulary, if it has one; teacher forced: on the event 'all previous steps right'
     the drafter's own inputs equal the true tokens)."""
     drafter.eval()
-    n = inputs.shape[1]
     keep = (labels >= 0).all(dim=1)
     hidden, inputs, labels = hidden[keep], inputs[keep], labels[keep]
     N = inputs.shape[0]
@@ -189,7 +188,7 @@ def evaluate_examples(drafter: OwlDrafter, hidden, inputs, labels, batch_size: i
             "tau": round(1.0 + float(p_chain.sum()), 4)}
 
 
-def evaluate_splits(drafter: OwlDrafter, splits: dict[str, list[dict]]) -> dict:
+def evaluate_splits(drafter: OwlModel, splits: dict[str, list[dict]]) -> dict:
     res = {}
     for name, samples in splits.items():
         if not name.startswith("heldout"):
@@ -217,7 +216,7 @@ def cosine_lr(step: int, total: int, base: float, warmup: float) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
-def train_loop(drafter: OwlDrafter, hidden: torch.Tensor, inputs: torch.Tensor,
+def train_loop(drafter: OwlModel, hidden: torch.Tensor, inputs: torch.Tensor,
                labels: torch.Tensor, *, steps: int, batch_size: int, lr: float,
                weight_decay: float = 0.1, warmup: float = 0.05, train_vocab: int = 8192,
                neg_samples: int = 1024, seed: int = 0, out: Path | None = None,

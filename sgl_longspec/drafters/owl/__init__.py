@@ -6,7 +6,7 @@ training command (``python -m sgl_longspec.training.owl_train``).
 
 from sgl_longspec.drafters.owl.model import (  # noqa: F401
     OwlConfig,
-    OwlDrafter,
+    OwlModel,
     OwlState,
     build_drafter,
     load_drafter,

@@ -158,7 +158,7 @@ class OwlState:
         return OwlState(self.s[rows], self.c[rows], self.k)
 
 
-class OwlDrafter(nn.Module):
+class OwlModel(nn.Module):
     def __init__(self, config: OwlConfig, target_embedding: Any, target_lm_head: Any):
         super().__init__()
         self.config = config
@@ -470,13 +470,13 @@ class OwlDrafter(nn.Module):
 
 
 def build_drafter(target_embedding: Any, target_lm_head: Any, n_predict: int = 4,
-                  proj_dim: int = 512, target_model: str = "") -> OwlDrafter:
+                  proj_dim: int = 512, target_model: str = "") -> OwlModel:
     """A freshly initialised drafter for a target (shapes and fingerprint taken from it)."""
     w = _weight_of(target_embedding)
     cfg = OwlConfig(hidden_size=int(w.shape[1]), vocab_size=int(w.shape[0]), n_predict=n_predict,
                     proj_dim=proj_dim, target_model=target_model,
                     target_fingerprint=target_fingerprint(target_embedding))
-    return OwlDrafter(cfg, target_embedding, target_lm_head)
+    return OwlModel(cfg, target_embedding, target_lm_head)
 
 
 def read_config(path: str | os.PathLike) -> OwlConfig:
@@ -517,7 +517,7 @@ def check_checkpoint_files(path: str | os.PathLike) -> OwlConfig:
 
 def load_drafter(path: str | os.PathLike, target_embedding: Any, target_lm_head: Any,
                  device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                 check_fingerprint: bool = True) -> OwlDrafter:
+                 check_fingerprint: bool = True) -> OwlModel:
     """Load a drafter checkpoint folder and attach it to the target's embedding and LM head
     (tensors [vocab, hidden] or modules with such a ``.weight``; held by reference). Raises
     ``ValueError`` naming the problem for a corrupt or mismatched checkpoint."""
@@ -551,7 +551,7 @@ def load_drafter(path: str | os.PathLike, target_embedding: Any, target_lm_head:
         state = load_file(str(wfile))
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise ValueError(f"drafter checkpoint {wfile} is corrupt: {e}") from e
-    model = OwlDrafter(cfg, target_embedding, target_lm_head)
+    model = OwlModel(cfg, target_embedding, target_lm_head)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -582,7 +582,7 @@ def load_drafter(path: str | os.PathLike, target_embedding: Any, target_lm_head:
     return model.eval()
 
 
-def load_drafter_for_model(path: str | os.PathLike, model: nn.Module, **kw) -> OwlDrafter:
+def load_drafter_for_model(path: str | os.PathLike, model: nn.Module, **kw) -> OwlModel:
     """Convenience for a Hugging Face causal LM: shares ``get_input_embeddings()`` and
     ``get_output_embeddings()``."""
     return load_drafter(path, model.get_input_embeddings(), model.get_output_embeddings(), **kw)
