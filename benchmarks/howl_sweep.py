@@ -32,7 +32,7 @@ from sgl_longspec.drafters.draft import Draft
 from sgl_longspec.training import owl_data
 from sgl_longspec.drafters.owl import shipped_checkpoint
 from sgl_longspec.training.owl_evaluate import greedy_record, long_prompt_ids
-from sgl_longspec.drafters.owl.model import load_drafter
+from sgl_longspec.drafters.owl.checkpoint import load_drafter
 from sgl_longspec.training.owl_train import load_target
 from sgl_longspec.step.router import Router, RouterConfig
 from sgl_longspec.drafters.suffix_index import SuffixIndex, SuffixIndexConfig

@@ -79,7 +79,7 @@ class LongSpecConfig:
             # The checkpoint's files, before any model is loaded: a missing, unreadable or truncated
             # one stops the launch at once with the file named. Whether it fits the target is
             # checked when the scheduler loads it (that needs the target's weights).
-            from sgl_longspec.drafters.owl.model import check_checkpoint_files
+            from sgl_longspec.drafters.owl.checkpoint import check_checkpoint_files
 
             try:
                 check_checkpoint_files(self.drafter_path)

@@ -358,14 +358,14 @@ class LongSpecController:
         return out
 
     def _owl_drafts(self, views, budgets, suffix) -> list[Optional[Draft]]:
-        """OWL trees (one batched call) for the requests whose suffix draft is below the HOWL
-        threshold and for which the router expects OWL to pay."""
+        """OWL trees (one batched call) for the requests whose suffix draft does not suffice (the
+        router's HOWL rule) and for which the router expects OWL to pay."""
         out: list[Optional[Draft]] = [None] * len(views)
         if self.owl is None or not self.breakers["owl_drafter"].closed:
             return out
         bs = len(views)
         rows = [i for i, v in enumerate(views)
-                if budgets[i] > 0 and suffix[i].score < self.config.howl_threshold
+                if budgets[i] > 0 and not self.router.suffix_suffices(suffix[i])
                 and self.owl.has_state(v.rid)
                 and self.router.wants_source(v.rid, "owl", bs, min(budgets[i], self.owl.max_nodes))]
         if not rows:

@@ -247,12 +247,16 @@ class Router:
             return skip.get(source, 0) <= 0
         return any(skip.get(src, 0) <= 0 for src in {"suffix", "owl", *skip})
 
+    def suffix_suffices(self, suffix: Optional[Draft]) -> bool:
+        """HOWL rule, first half: a suffix draft scoring at least `howl_threshold` is taken as it
+        is, and the model drafter is not asked for that request."""
+        return suffix is not None and len(suffix) > 0 and suffix.score >= self.config.howl_threshold
+
     def pick(self, suffix: Optional[Draft], model: Optional[Draft] = None,
              req_id: Optional[Hashable] = None) -> Draft:
         """HOWL rule: the suffix chain when its score is high, else the model tree, else the better
         (scores calibrated by the request's record of each drafter when req_id is given)."""
-        cfg = self.config
-        if suffix is not None and len(suffix) and suffix.score >= cfg.howl_threshold:
+        if self.suffix_suffices(suffix):
             return suffix
         candidates = [d for d in (model, suffix) if d is not None and len(d)]
         if not candidates:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from sgl_longspec.drafters.owl.model import load_drafter
+from sgl_longspec.drafters.owl.checkpoint import load_drafter
 from sgl_longspec.training import owl_data
 from sgl_longspec.training.owl_train import evaluate_examples, load_target
 

@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sgl_longspec.drafters.owl.model import OwlModel, build_drafter, load_drafter
+from sgl_longspec.drafters.owl.checkpoint import build_drafter, load_drafter
+from sgl_longspec.drafters.owl.model import OwlModel
 from sgl_longspec.training import owl_data
 
 

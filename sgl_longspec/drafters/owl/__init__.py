@@ -4,16 +4,14 @@ See ``sgl_longspec.drafters.owl.model`` for the conditioning convention and ``sg
 training command (``python -m sgl_longspec.training.owl_train``).
 """
 
-from sgl_longspec.drafters.owl.model import (  # noqa: F401
-    OwlConfig,
-    OwlModel,
-    OwlState,
+from sgl_longspec.drafters.owl.checkpoint import (  # noqa: F401
     build_drafter,
     load_drafter,
     load_drafter_for_model,
     read_config,
     target_fingerprint,
 )
+from sgl_longspec.drafters.owl.model import OwlConfig, OwlModel, OwlState  # noqa: F401
 
 SHIPPED_CHECKPOINTS = {"smollm2-135m-instruct": "owl-smollm2-135m"}
 
