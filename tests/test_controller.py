@@ -112,7 +112,7 @@ def test_greedy_output_is_the_stream_and_batched_verify_ran():
     assert c.accepted > 0 and c.verify_steps > 0
     assert c.batched_verify_steps > 0 and c.max_verify_batch >= 2
     assert not c.fallbacks
-    assert c.by_source["suffix"][2] == c.accepted
+    assert c.by_source["suffix"].accepted == c.accepted
     # every request left: the finished outputs joined the global tree, nothing is tracked
     assert ctl.index.num_active_requests == 0 and ctl.stats()["tracked_requests"] == 0
     assert ctl.index.num_cached_responses == len(reqs)
@@ -172,7 +172,7 @@ def test_drafter_failure_turns_only_that_request_plain(caplog):
     assert bad.output == bad.stream[len(bad.prompt):]  # plain decoding, still correct
     c = ctl.counters
     assert c.fallbacks == {"suffix_drafter": 1} and c.fallback_requests["suffix_drafter"] == 1
-    assert c.by_source["suffix"][0] > 0  # the good request kept speculating
+    assert c.by_source["suffix"].drafts > 0  # the good request kept speculating
     assert "Traceback" in caplog.text and "injected drafter failure" in caplog.text
 
 
@@ -576,7 +576,8 @@ def test_external_corpus_drafts_text_no_prompt_held():
         return ctl
 
     ctl = run(True)
-    drafted, accepted = ctl.counters.by_source["corpus"][1:]
+    corpus = ctl.counters.by_source["corpus"]
+    drafted, accepted = corpus.draft_tokens, corpus.accepted
     assert accepted >= 60 and ctl.counters.accepted >= accepted
     assert ctl.stats()["corpus_tokens"] == {"repo": 320}
     plain = run(False)

@@ -267,3 +267,29 @@ def test_corpus_hooks_target_real_methods_and_leave_other_servers_to_sglang():
     obj = types.SimpleNamespace(file_path="/etc/hostname", documents=None, corpus_id=None)
     out = asyncio.run(ce._tm_add(original, longspec, obj))
     assert not out.success and "file_path" in out.message
+
+
+def test_prometheus_counters_follow_the_step_counters():
+    """Each exported counter grows by what its step counter grew (named fields, not positions)."""
+    from collections import Counter
+
+    import prometheus_client
+
+    from sgl_longspec.adapter.metrics import PrometheusCounters
+    from sgl_longspec.step.controller import Counters, SourceCounts
+
+    prom = PrometheusCounters()
+    c = Counters(verify_steps=3, plain_steps=2, by_source={"suffix": SourceCounts(2, 9, 5)})
+    c.fallbacks["verify"] = 1
+    prom.update(c, Counter({"unprofitable": 4}))
+    c.by_source["suffix"].add(3, 1)
+    c.by_source["owl"] = SourceCounts(1, 4, 4)
+    prom.update(c, Counter({"unprofitable": 4}))
+
+    def value(name, **labels):
+        return prometheus_client.REGISTRY.get_sample_value(f"sglang:longspec_{name}_total", labels)
+
+    assert value("drafts", drafter="suffix") == 3 and value("draft_tokens", drafter="suffix") == 12
+    assert value("accepted_tokens", drafter="suffix") == 6 and value("accepted_tokens", drafter="owl") == 4
+    assert value("steps", kind="verify") == 3 and value("steps", kind="plain") == 2
+    assert value("refusals", reason="unprofitable") == 4 and value("fallbacks", cause="verify") == 1

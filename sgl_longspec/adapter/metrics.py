@@ -24,11 +24,12 @@ class PrometheusCounters:
         def counter(name, doc, label):
             return Counter(f"sglang:longspec_{name}", doc, labelnames=[label])
 
-        self._by_source = [
-            counter("drafts", "LONGSPEC drafts verified.", "drafter"),
-            counter("draft_tokens", "LONGSPEC draft tokens verified.", "drafter"),
-            counter("accepted_tokens", "LONGSPEC draft tokens accepted.", "drafter"),
-        ]
+        # SourceCounts field -> its counter
+        self._by_source = {
+            "drafts": counter("drafts", "LONGSPEC drafts verified.", "drafter"),
+            "draft_tokens": counter("draft_tokens", "LONGSPEC draft tokens verified.", "drafter"),
+            "accepted": counter("accepted_tokens", "LONGSPEC draft tokens accepted.", "drafter"),
+        }
         self._steps = counter("steps", "LONGSPEC decode steps by kind.", "kind")
         self._refusals = counter("refusals", "LONGSPEC drafts not verified, by reason.", "reason")
         self._fallbacks = counter("fallbacks", "LONGSPEC failures that turned requests to plain "
@@ -43,9 +44,9 @@ class PrometheusCounters:
 
     def update(self, counters, refusals) -> None:
         """Bring the exported counters up to the controller's (called after each decode step)."""
-        for source, row in counters.by_source.items():
-            for i, metric in enumerate(self._by_source):
-                self._add(metric, ("src", i, source), source, row[i])
+        for source, counts in counters.by_source.items():
+            for field_name, metric in self._by_source.items():
+                self._add(metric, ("src", field_name, source), source, getattr(counts, field_name))
         self._add(self._steps, ("steps", "verify"), "verify", counters.verify_steps)
         self._add(self._steps, ("steps", "plain"), "plain", counters.plain_steps)
         self._add(self._steps, ("steps", "saturated"), "saturated", counters.saturated_steps)

@@ -93,6 +93,23 @@ class SamplingParams:
 
 
 @dataclass
+class SourceCounts:
+    """One drafter's verified drafts, their tokens, and the tokens accepted."""
+
+    drafts: int = 0
+    draft_tokens: int = 0
+    accepted: int = 0
+
+    def add(self, draft_tokens: int, accepted: int) -> None:
+        self.drafts += 1
+        self.draft_tokens += draft_tokens
+        self.accepted += accepted
+
+    def row(self) -> list[int]:
+        return [self.drafts, self.draft_tokens, self.accepted]
+
+
+@dataclass
 class Counters:
     drafted: int = 0
     accepted: int = 0
@@ -121,8 +138,8 @@ class Counters:
     room_capped: int = 0
     # the last step's load as the engine adapter read it (waiting requests, free KV tokens)
     last_load: dict = field(default_factory=dict)
-    # per draft source: [verified drafts, draft tokens, accepted tokens]
-    by_source: dict = field(default_factory=dict)
+    # per draft source ("suffix", "corpus", "owl"): what it drafted and got accepted
+    by_source: dict[str, "SourceCounts"] = field(default_factory=dict)
     # per cause ("index", "suffix_drafter", "owl_drafter", "verify", "release"): failures, and
     # the requests they turned to plain decoding
     fallbacks: Counter = field(default_factory=Counter)
@@ -133,6 +150,8 @@ class Counters:
 
     def as_dict(self) -> dict:
         out = dict(self.__dict__)
+        # rows [drafts, draft tokens, accepted] in the stats file, as its readers expect
+        out["by_source"] = {src: sc.row() for src, sc in self.by_source.items()}
         out["fallbacks"] = dict(self.fallbacks)
         out["fallback_requests"] = dict(self.fallback_requests)
         return out
@@ -425,10 +444,7 @@ class LongSpecController:
             self.router.observe(rid, len(d), int(a), expected=float(d.probs.sum()), source=d.source)
             c.drafted += len(d)
             c.accepted += int(a)
-            row = c.by_source.setdefault(d.source, [0, 0, 0])
-            row[0] += 1
-            row[1] += len(d)
-            row[2] += int(a)
+            c.by_source.setdefault(d.source, SourceCounts()).add(len(d), int(a))
         if with_draft >= 2:
             c.batched_verify_steps += 1
         c.max_verify_batch = max(c.max_verify_batch, with_draft)
