@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flashinfer_ext.reference import tree_mask_from_parents
-from sgl_longspec.attention.cascade import common_prefix_len, shared_prefix_groups
+from sgl_longspec.attention.cascade import MinShared, common_prefix_len, shared_prefix_groups
 from sgl_longspec.verify.layout import VerifyLayout
 from test_cpu_ops import _FakeKVPool
 
@@ -56,6 +56,32 @@ def test_groups_share_what_they_claim_and_miss_no_pair(batch, min_shared):
         assert all(_lcp(batch[i], batch[j]) < min_shared for i in alone for j in alone if i < j)
     else:
         assert groups == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(batch=_prefix_batches(), pair=st.integers(1, 14), drop=st.integers(0, 6))
+def test_groups_by_size_threshold(batch, pair, drop):
+    """A size-dependent threshold (larger groups need shorter runs): every group's run is long
+    enough for its size, and no two requests left out share the run a pair needs."""
+    need = MinShared(((2, pair), (3, max(1, pair - drop)), (5, max(1, pair - 2 * drop))))
+    groups = shared_prefix_groups([torch.tensor(p, dtype=torch.int64) for p in batch], need)
+    seen = [i for g in groups for i in g.members]
+    assert len(seen) == len(set(seen))
+    for g in groups:
+        assert g.length >= need.for_group(len(g.members))
+        assert g.length == min(_lcp(batch[g.members[0]], batch[j]) for j in g.members[1:])
+    alone = [i for i in range(len(batch)) if i not in seen]
+    assert all(_lcp(batch[i], batch[j]) < pair for i in alone for j in alone if i < j)
+
+
+def test_a_larger_group_takes_a_shorter_run():
+    """Three requests sharing 6 slots: no pair is worth a level at 8, the group of three is at 5."""
+    run = list(range(6))
+    batch = [torch.tensor(run + [100 + i]) for i in range(3)]
+    assert shared_prefix_groups(batch, 8) == []
+    (g,) = shared_prefix_groups(batch, MinShared(((2, 8), (3, 5))))
+    assert g.members == (0, 1, 2) and g.length == 6
+    assert shared_prefix_groups(batch[:2], MinShared(((2, 8), (3, 5)))) == []
 
 
 def test_a_short_sharer_does_not_shrink_a_long_group():

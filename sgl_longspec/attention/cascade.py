@@ -12,9 +12,35 @@ Engine independent: slot-id tensors in, groups out. Planned once per step on the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Sequence, Union
 
 import torch
+
+
+@dataclass(frozen=True)
+class MinShared:
+    """Shortest shared run worth a cascade level, by the size of the group that shares it: the
+    level costs a fixed amount per request and saves KV reads in proportion to the group, so
+    larger groups pay off from shorter runs. `steps`: (group size, slots) with sizes ascending;
+    a group of at least `size` requests needs `slots` (the last step it reaches)."""
+
+    steps: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def fixed(cls, slots: int) -> "MinShared":
+        return cls(((2, int(slots)),))
+
+    def for_group(self, size: int) -> int:
+        need = self.steps[0][1]
+        for n, slots in self.steps:
+            if size >= n:
+                need = slots
+        return need
+
+    @property
+    def floor(self) -> int:
+        """The shortest run any group size accepts (<= 0: no grouping at all)."""
+        return min(slots for _, slots in self.steps)
 
 
 @dataclass(frozen=True)
@@ -32,28 +58,34 @@ def common_prefix_len(a: torch.Tensor, b: torch.Tensor) -> int:
     return int(differ[0, 0]) if differ.numel() else n
 
 
-def shared_prefix_groups(prefixes: Sequence[torch.Tensor], min_shared: int) -> list[SharedGroup]:
-    """Disjoint groups of requests whose slot ids start with the same run of >= min_shared slots.
+def shared_prefix_groups(prefixes: Sequence[torch.Tensor],
+                         min_shared: Union[int, MinShared]) -> list[SharedGroup]:
+    """Disjoint groups of requests whose slot ids start with the same run of at least
+    min_shared slots (a MinShared: what the group's size needs; an int: the same for every size).
 
     Requests are bucketed by their first slot. In a bucket, the first request left is the anchor;
-    of the others, those sharing >= min_shared slots with it are ranked by that length, and the
-    anchor takes the top k that maximise the KV reads saved, k * (the k-th longest shared length)
-    (one short sharer must not shrink a long group's shared level); the rest try again with the
-    next anchor. A request belongs to at most one group; min_shared <= 0 turns grouping off."""
-    if min_shared <= 0:
+    of the others, those sharing a run with it are ranked by its length, and the anchor takes the
+    top k that maximise the KV reads saved, k * (the k-th longest shared length), among the k
+    whose group of k + 1 has a run long enough for its size (one short sharer must not shrink a
+    long group's shared level); the rest try again with the next anchor. A request belongs to at
+    most one group; a threshold <= 0 turns grouping off."""
+    need = min_shared if isinstance(min_shared, MinShared) else MinShared.fixed(min_shared)
+    floor = need.floor
+    if floor <= 0:
         return []
     buckets: dict[int, list[int]] = {}
     for i, p in enumerate(prefixes):
-        if p.numel() >= min_shared:
+        if p.numel() >= floor:
             buckets.setdefault(int(p[0]), []).append(i)
     groups = []
     for pool in buckets.values():
         while len(pool) >= 2:
             anchor, others = pool[0], pool[1:]
             shared = [(common_prefix_len(prefixes[anchor], prefixes[j]), j) for j in others]
-            sharers = sorted(((n, j) for n, j in shared if n >= min_shared), key=lambda t: (-t[0], t[1]))
-            if sharers:
-                k = max(range(1, len(sharers) + 1), key=lambda k: (k * sharers[k - 1][0], -k))
+            sharers = sorted(((n, j) for n, j in shared if n >= floor), key=lambda t: (-t[0], t[1]))
+            sizes = [k for k in range(1, len(sharers) + 1) if sharers[k - 1][0] >= need.for_group(k + 1)]
+            if sizes:
+                k = max(sizes, key=lambda k: (k * sharers[k - 1][0], -k))
                 taken = sharers[:k]
                 groups.append(SharedGroup((anchor, *sorted(j for _, j in taken)), taken[-1][0]))
                 left = {j for _, j in taken}

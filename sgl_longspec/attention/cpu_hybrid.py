@@ -12,7 +12,7 @@ registered under its own name `longspec_cpu` (sgl_longspec.attention.registratio
   attention of LongSpec; the math lives in flashinfer_ext.reference, which the GPU kernels match.
 
 Cascade over radix-shared prefixes (sgl_longspec.attention.cascade): requests whose committed KV starts with
-the same run of >= LONGSPEC_CASCADE_MIN_SHARED slots form a group; each layer attends all query rows
+the same run long enough for the group's size (CASCADE_MIN_SHARED) form a group; each layer attends all query rows
 of the group to ONE copy of that run (one batched product: its KV is read, or gathered, once per
 step instead of once per request), each request to the rest of its own prefix and its new tokens,
 and the partial results are merged by their log-sum-exps. Equal to the two-level path within
@@ -35,14 +35,18 @@ from torch.nn.functional import scaled_dot_product_attention
 from flashinfer_ext.reference import attention_with_lse, hybrid_tree_attention, merge_attention_states
 from sgl_longspec.adapter.sglang_compat import (AttentionType, ForwardMode, KVWriteLoc,
                                                 TorchNativeAttnBackend)
-from sgl_longspec.attention.cascade import shared_prefix_groups
+from sgl_longspec.attention.cascade import MinShared, shared_prefix_groups
 from sgl_longspec.verify.layout import VerifyLayout
 
-# Shortest shared run of KV slots worth a cascade level: the level costs a fixed amount per request
-# (an extra attention call and an LSE merge), so below ~1K slots it loses, and the crossover falls
-# with the group's size (~3K slots for 2 requests, ~1K for 16). 3072 gains for every group size
-# measured on this 2-core CPU (benchmarks/results/cascade_cpu/). 0 turns the shared level off.
-CASCADE_MIN_SHARED = int(os.environ.get("LONGSPEC_CASCADE_MIN_SHARED", "3072"))
+# Shortest shared run of KV slots worth a cascade level, by group size: the level costs a fixed
+# amount per request (an extra attention call and an LSE merge), so short runs lose, and the
+# crossover measured on this 2-core CPU falls with the group's size: ~3K slots for 2 requests, ~2K
+# for 4, ~1.5K for 8, ~1K for 16 (benchmarks/results/cascade_cpu/); each step is set at the
+# measured crossover of its smallest group. LONGSPEC_CASCADE_MIN_SHARED=N sets one threshold for
+# every size (0 turns the shared level off).
+CASCADE_MIN_SHARED_BY_SIZE = MinShared(((2, 3072), (4, 2048), (8, 1536), (16, 1024)))
+CASCADE_MIN_SHARED = (MinShared.fixed(int(os.environ["LONGSPEC_CASCADE_MIN_SHARED"]))
+                      if os.environ.get("LONGSPEC_CASCADE_MIN_SHARED") else CASCADE_MIN_SHARED_BY_SIZE)
 
 
 @dataclass
@@ -88,7 +92,7 @@ class _BatchPlan:
 
 
 def _plan(mode: str, q_lens: list[int], prefixes: list[torch.Tensor],
-          masks: list[Optional[torch.Tensor]], min_shared: int) -> _BatchPlan:
+          masks: list[Optional[torch.Tensor]], min_shared: MinShared | int) -> _BatchPlan:
     """The batch's attention plan; requests that share a run of KV slots get a shared level and
     keep only the rest of their prefix."""
     groups = shared_prefix_groups(prefixes, min_shared)
