@@ -13,6 +13,9 @@ class DraftRequest:
     rid: Hashable
     root: int  # last committed token
     budget: int  # most draft tokens
+    # the request's last tokens (root included), for drafters that match on the context rather
+    # than keep per-request state (the external corpus); empty where no drafter asked for them
+    context: Sequence[int] = ()
 
 
 class Drafter(Protocol):

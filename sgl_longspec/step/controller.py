@@ -31,6 +31,7 @@ import torch
 
 from sgl_longspec.adapter.config import LongSpecConfig
 from sgl_longspec.drafters.corpus import SuffixCorpus
+from sgl_longspec.drafters.corpus_drafter import CorpusDrafter
 from sgl_longspec.drafters.draft import Draft
 from sgl_longspec.drafters.owl.drafter import OwlDrafter
 from sgl_longspec.drafters.protocol import DraftRequest, Drafter
@@ -204,6 +205,7 @@ class LongSpecController:
         # The external corpus (--longspec-corpus, POST /add_external_corpus): consulted beside the
         # request's and the global tree; its drafts are source "corpus" to the router.
         self.corpus = corpus if corpus is not None else build_corpus(cfg)
+        self.corpus_drafter = CorpusDrafter(self.corpus, cfg.use_tree)
         self.owl = OwlDrafter(owl_model, cfg.owl_top_k, cfg.owl_max_nodes) if owl_model else None
         self.router = router if router is not None else build_router(cfg)
         self.counters = Counters()
@@ -237,7 +239,7 @@ class LongSpecController:
                     self.fallback("release", [], f"forgetting {rid} in {drafter.name}")
 
     def _drafters(self) -> list[Drafter]:
-        return [self.suffix] + ([self.owl] if self.owl is not None else [])
+        return [self.suffix, self.corpus_drafter] + ([self.owl] if self.owl is not None else [])
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def release(self, rid: Hashable, keep_output: bool) -> None:
@@ -367,8 +369,9 @@ class LongSpecController:
                 d = (self.suffix.propose([DraftRequest(v.rid, v.output[-1], budgets[i])])[0]
                      if own else Draft.empty())
                 if corpus:
-                    c = self.corpus.speculate(_tail(v, self.corpus.max_depth), budgets[i],
-                                              use_tree=self.config.use_tree)
+                    c = self.corpus_drafter.propose([DraftRequest(
+                        v.rid, v.output[-1], budgets[i],
+                        context=_tail(v, self.corpus_drafter.context_tokens))])[0]
                     d = self.router.better(d, c, v.rid)
                 out[i] = self._checked(d, budgets[i])
             except Exception:
