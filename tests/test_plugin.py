@@ -276,7 +276,7 @@ def test_prometheus_counters_follow_the_step_counters():
     import prometheus_client
 
     from sgl_longspec.adapter.metrics import PrometheusCounters
-    from sgl_longspec.step.controller import Counters, SourceCounts
+    from sgl_longspec.step.records import Counters, SourceCounts
 
     prom = PrometheusCounters()
     c = Counters(verify_steps=3, plain_steps=2, by_source={"suffix": SourceCounts(2, 9, 5)})

@@ -11,7 +11,7 @@ import torch
 
 from sgl_longspec.adapter import sglang_compat
 from sgl_longspec.adapter.algorithm import plain_runs_overlap
-from sgl_longspec.step.controller import SamplingParams
+from sgl_longspec.step.records import SamplingParams
 from sgl_longspec.verify.acceptance import seeded_uniforms
 from sgl_longspec.verify.logit_rules import LogitRules, Penalties
 

@@ -39,7 +39,8 @@ from sgl_longspec.adapter.request_params import (batch_needs_engine_sampler, cus
 from sgl_longspec.adapter.tp_sync import RankZeroDecisions, tp_group
 from sgl_longspec.adapter.verify_input import verify_input_cls
 from sgl_longspec.drafters.draft import Draft
-from sgl_longspec.step.controller import LongSpecController, RequestView, StepPlan
+from sgl_longspec.step.controller import LongSpecController
+from sgl_longspec.step.records import RequestView, StepPlan
 from sgl_longspec.step.faults import Faults
 from sgl_longspec.step.router import Load
 from sgl_longspec.verify.acceptance import seeded_uniforms, verify_sampling
