@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from sgl_longspec.drafters.draft import Draft
-from sgl_longspec.training import owl_data
+from sgl_longspec.training import owl_data, owl_prompts
 from sgl_longspec.drafters.owl import shipped_checkpoint
 from sgl_longspec.training.owl_evaluate import greedy_record, long_prompt_ids
 from sgl_longspec.drafters.owl.checkpoint import load_drafter
@@ -44,7 +44,7 @@ MAX_SPEC = 15
 def prompts(tok, n_per: int, seed: int = 0, long_lengths=(1024, 2048, 4096, 8192),
             n_long: int = 2) -> dict[str, list[list[int]]]:
     rng = random.Random(seed)
-    files = [p for p in owl_data.stdlib_files() if 2_000 < p.stat().st_size < 200_000]
+    files = [p for p in owl_prompts.stdlib_files() if 2_000 < p.stat().st_size < 200_000]
     rng.shuffle(files)
     code = []
     for p in files[: n_per]:
@@ -61,7 +61,7 @@ def prompts(tok, n_per: int, seed: int = 0, long_lengths=(1024, 2048, 4096, 8192
         tools.append(owl_data.chat_ids(tok, "Earlier tool calls:\n" + "\n".join(calls) +
                                        "\nEmit the same tool calls again, one JSON per line.", 10**9))
     chat = []
-    for conv in owl_data.sharegpt_conversations(200)[: n_per * 5: 5]:
+    for conv in owl_prompts.sharegpt_conversations(200)[: n_per * 5: 5]:
         first = next((t.get("value") for t in conv if t.get("from") == "human"), "") or "Hello"
         chat.append(owl_data.chat_ids(tok, first[:2000], 10**9))
     out = {"code_edit": code, "tool_json": tools, "chat": chat}

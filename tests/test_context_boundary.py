@@ -152,7 +152,7 @@ def check_clean(srv, stats_file: Path) -> dict:
 def test_drafts_never_pass_the_kv_room():
     """The controller drafts within RequestView.room (what the request's reserved KV window, its
     req_to_token row and the context leave): fewer tokens near the end, none at 0, counted."""
-    from sgl_longspec.adapter.config import LongSpecConfig
+    from sgl_longspec.config import LongSpecConfig
     from sgl_longspec.step.controller import LongSpecController, RequestView
 
     ctl = LongSpecController(LongSpecConfig(drafter_path="none", cost_aware=False), window=WINDOW)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import pytest
 import torch
 
-from sgl_longspec.adapter.config import LongSpecConfig
+from sgl_longspec.config import LongSpecConfig
 from sgl_longspec.step.controller import LongSpecController, RequestView, SamplingParams
 from sgl_longspec.verify.layout import VerifyLayout
 from sgl_longspec.drafters.draft import Draft
@@ -149,8 +149,8 @@ class BrokenDrafter:
         self.real, self.bad_rid, self.index = real, bad_rid, real.index
         self.indexed = real.indexed
 
-    def sync(self, view):
-        self.real.sync(view)
+    def observe(self, obs):
+        self.real.observe(obs)
 
     def propose(self, requests):
         if any(r.rid == self.bad_rid for r in requests):
@@ -195,10 +195,10 @@ def test_index_failure_is_counted_by_cause():
     ctl = controller()
     r = FakeRequest("x", *repetitive(6, 5, 4, 10))
 
-    def broken_sync(view):
+    def broken_observe(obs):
         raise ValueError("injected index failure")
 
-    ctl.suffix.sync = broken_sync
+    ctl.suffix.observe = broken_observe
     run_to_completion(ctl, [r])
     assert r.output == r.stream[len(r.prompt):]
     assert ctl.counters.fallbacks == {"index": 1}  # once: the request then stays plain

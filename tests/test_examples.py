@@ -41,7 +41,7 @@ def test_toy_repository_and_tools(tmp_path):
     ok, out = common.run_tests(root)
     assert not ok and "unique_words" in out  # the task starts from a failing test
     src = common.call_tool(root, "read_file", {"path": "textstats/summary.py"})
-    fixed = src.replace('"words": words,', '"words": words,\n        "unique_words": len(set(text.lower().split())),')
+    fixed = src.replace('"words": len(words),', '"words": len(words),\n        "unique_words": len(set(text.lower().split())),')
     common.call_tool(root, "write_file", {"path": "textstats/summary.py", "content": fixed})
     assert common.call_tool(root, "run_tests", {}).startswith("PASSED")
     assert common.call_tool(root, "read_file", {"path": "../outside"}).startswith("ERROR")

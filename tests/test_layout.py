@@ -88,3 +88,37 @@ def test_no_import_cycle_between_modules():
     for n in sorted(graph):
         if n not in state:
             visit(n, [n])
+
+
+# The stages that run without an engine: they may import each other and the options, never the
+# SGLang side (adapter, attention backends) or the offline tools.
+ENGINE_INDEPENDENT = ("sgl_longspec.step", "sgl_longspec.drafters", "sgl_longspec.verify",
+                      "sgl_longspec.config")
+ENGINE_SIDE = ("sgl_longspec.adapter", "sgl_longspec.attention", "sgl_longspec.tools",
+               "sgl_longspec.training")
+MAX_MODULE_LINES = 450  # a module a reader can hold at once (issue 27's target)
+
+
+def _under(name: str, prefixes) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def test_engine_independent_stages_do_not_import_the_engine_side():
+    offenders = [f"{name}:{line} imports {mod}"
+                 for name, path in package_modules().items() if _under(name, ENGINE_INDEPENDENT)
+                 for mod, line in imported_modules(path) if _under(mod, ENGINE_SIDE)]
+    assert not offenders, "\n".join(offenders)
+
+
+def test_no_module_is_longer_than_a_reader_holds():
+    long = {name: n for name, path in package_modules().items()
+            if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert not long, long
+
+
+def test_the_package_tests_do_not_import_the_benchmarks():
+    """The benchmark harnesses' own tests live in benchmarks/tests."""
+    tests = Path(__file__).resolve().parent
+    offenders = [f"{path.name}:{line} imports {mod}" for path in sorted(tests.glob("*.py"))
+                 for mod, line in imported_modules(path) if _under(mod, ("benchmarks",))]
+    assert not offenders, "\n".join(offenders)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from sgl_longspec.adapter.config import LongSpecConfig
+from sgl_longspec.config import LongSpecConfig
 from sgl_longspec.drafters.draft import Draft
 from sgl_longspec.step.router import Router, RouterConfig
 

@@ -370,19 +370,19 @@ def test_fit_context_ids_has_exactly_the_requested_length(chat_tokenizer, pieces
     """Every requested length is met exactly (the old text-level fit missed by a token where a cut
     re-tokenized differently), the prompt ends with the same question and template tail whatever
     the length, and the context is the END of the pieces' tokens."""
-    from sgl_longspec.training import owl_data
+    from sgl_longspec.training import owl_prompts
 
     tok = chat_tokenizer
-    head, tail = owl_data.chat_template_around(tok, question)
+    head, tail = owl_prompts.chat_template_around(tok, question)
     per_piece = [tok(p + "\n\n", add_special_tokens=False)["input_ids"] for p in pieces]
     total = sum(map(len, per_piece))
     budget = min(extra, total)
     n = len(head) + len(tail) + budget
     if total == 0:
         with pytest.raises(ValueError):
-            owl_data.fit_context_ids(tok, pieces, question, n)
+            owl_prompts.fit_context_ids(tok, pieces, question, n)
         return
-    ids = owl_data.fit_context_ids(tok, pieces, question, n)
+    ids = owl_prompts.fit_context_ids(tok, pieces, question, n)
     assert len(ids) == n
     assert ids[:len(head)] == head and ids[len(ids) - len(tail):] == tail
     # the context: the last `budget` tokens of the first pieces that hold at least `budget`
@@ -393,21 +393,21 @@ def test_fit_context_ids_has_exactly_the_requested_length(chat_tokenizer, pieces
             break
     assert ids[len(head):len(ids) - len(tail)] == ctx[len(ctx) - budget:]
     with pytest.raises(ValueError):  # more context than the pieces hold
-        owl_data.fit_context_ids(tok, pieces, question, len(head) + len(tail) + total + 1)
+        owl_prompts.fit_context_ids(tok, pieces, question, len(head) + len(tail) + total + 1)
 
 
 def test_fit_context_ids_renders_the_chat_template(chat_tokenizer):
     """The spliced ids decode to the chat template's own rendering of the turn "<context>\n\n
     <question>", with the context cut from the front at a token boundary."""
-    from sgl_longspec.training import owl_data
+    from sgl_longspec.training import owl_prompts
 
     tok = chat_tokenizer
     pieces = ["first piece of text.", "second piece."]
-    head, tail = owl_data.chat_template_around(tok, owl_data.CODE_Q)
+    head, tail = owl_prompts.chat_template_around(tok, owl_prompts.CODE_Q)
     ctx = [t for p in pieces for t in tok(p + "\n\n", add_special_tokens=False)["input_ids"]]
     for keep in (len(ctx), len(ctx) - 3):
-        ids = owl_data.fit_context_ids(tok, pieces, owl_data.CODE_Q, len(head) + len(tail) + keep)
-        turn = tok.decode(ctx[len(ctx) - keep:]) + "\n\n" + owl_data.CODE_Q
+        ids = owl_prompts.fit_context_ids(tok, pieces, owl_prompts.CODE_Q, len(head) + len(tail) + keep)
+        turn = tok.decode(ctx[len(ctx) - keep:]) + "\n\n" + owl_prompts.CODE_Q
         want = tok.apply_chat_template([{"role": "user", "content": turn}], tokenize=False,
                                        add_generation_prompt=True)
         assert tok.decode(ids) == want
@@ -418,25 +418,25 @@ def test_training_code_comes_from_the_pinned_package():
     list on any machine (CI once failed because it read whatever site-packages held)."""
     import importlib.metadata as md
 
-    from sgl_longspec.training import owl_data
+    from sgl_longspec.training import owl_prompts
 
-    name, version = owl_data.CODE_SOURCE_PACKAGE
+    name, version = owl_prompts.CODE_SOURCE_PACKAGE
     assert md.version(name) == version
-    files = owl_data.pinned_package_code_files(400, seed=1)
+    files = owl_prompts.pinned_package_code_files(400, seed=1)
     assert len(files) == 400 and all(f"/{name}/" in p.as_posix() for p in files)
-    assert files == owl_data.pinned_package_code_files(400, seed=1)
+    assert files == owl_prompts.pinned_package_code_files(400, seed=1)
 
 
 @pytest.mark.timeout(600)
 def test_long_text_sequences_and_chunked_recording():
     """The long-context training split: exact lengths, disjoint from the evaluation's prompts, and
     the chunked (KV-cache) recording equals one full forward pass."""
-    from sgl_longspec.training import owl_data
+    from sgl_longspec.training import owl_data, owl_prompts
     from sgl_longspec.training.owl_evaluate import long_prompt_ids
     from sgl_longspec.training.owl_train import load_target
 
     _, tok, model = load_target(None, "cpu", "float32")
-    seqs = owl_data.long_text_sequences(tok, 4, 640, seed=0)
+    seqs = owl_prompts.long_text_sequences(tok, 4, 640, seed=0)
     assert [k for k, _ in seqs] == ["long-chat", "long-code", "long-chat", "long-code"]
     assert [len(ids) for _, ids in seqs] == [320, 320, 640, 640]
     evals = {tuple(long_prompt_ids(tok, 640, i)) for i in range(2)}

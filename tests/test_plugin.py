@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("sglang")
 
 from sgl_longspec.adapter import sglang_compat  # noqa: E402
-from sgl_longspec.adapter.config import ENV_VAR, LongSpecConfig  # noqa: E402
+from sgl_longspec.config import ENV_VAR, LongSpecConfig  # noqa: E402
 
 
 @pytest.fixture(scope="module")

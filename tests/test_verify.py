@@ -438,7 +438,7 @@ def production_round(params, first_match=True, seed=777):
         else:
             tb = TreeBatch.from_drafts(drafts)
             probs = target_probs(logits, *params)
-            path, bonus = V._walk(tb, V._sample_rows(probs, gen), first_match=False)
+            path, bonus = V._walk(tb, V.sample_rows(probs, gen), first_match=False)
             res = V._build_result(tb, path, bonus)
         return _first_two(res)
     return round_fn
@@ -568,7 +568,7 @@ def test_block_sampler_large_vocab():
     base[light] = 0.1 / len(light)
     row = torch.from_numpy(base.astype(np.float32)) * 3.0  # unnormalised on purpose
     gen = torch.Generator().manual_seed(9)
-    draws = torch.cat([V._sample_rows(row.expand(2000, vocab), gen) for _ in range(5)]).numpy()
+    draws = torch.cat([V.sample_rows(row.expand(2000, vocab), gen) for _ in range(5)]).numpy()
     assert (base[draws] > 0).all()
     counts = np.array([(draws == h).sum() for h in heavy] + [np.isin(draws, light).sum()])
     p = np.array(list(base[heavy]) + [0.1]) / base.sum()
@@ -621,7 +621,7 @@ def q_round(params, chain_len=3, residual=True, seed=4242):
             # max(p - q, 0); acceptance is the correct min(1, p/q).
             p = target_probs(logits.reshape(-1, VOCAB), *params)
             acc = verify_sampling_draft_probs(tk, qt, logits, *params, generator=gen, probs=p)
-            bonus = V._sample_rows(p.reshape(n, chain_len + 1, VOCAB)[torch.arange(n), acc.accept_lens], gen)
+            bonus = V.sample_rows(p.reshape(n, chain_len + 1, VOCAB)[torch.arange(n), acc.accept_lens], gen)
             res = V._build_result(TreeBatch.chains(tk), acc.path_mask, bonus)
         return _first_two(res)
     return round_fn

@@ -14,7 +14,7 @@ import logging
 import os
 
 from sgl_longspec.adapter import sglang_compat
-from sgl_longspec.adapter.config import LongSpecConfig
+from sgl_longspec.config import LongSpecConfig
 
 logger = logging.getLogger("sgl_longspec")
 

@@ -7,7 +7,7 @@ import logging
 import time
 from pathlib import Path
 
-from sgl_longspec.adapter.config import LongSpecConfig
+from sgl_longspec.config import LongSpecConfig
 from sgl_longspec.drafters.corpus import SuffixCorpus, load_paths
 
 logger = logging.getLogger("sgl_longspec")

@@ -44,7 +44,7 @@ def register() -> None:
     from sgl_longspec.attention import registration as attention_backends
     from sgl_longspec.adapter import corpus_endpoints
     from sgl_longspec.adapter import request_checks
-    from sgl_longspec.adapter.config import register_cli_hooks
+    from sgl_longspec.adapter.cli_flags import register_cli_hooks
     from sgl_longspec.adapter.algorithm import register_longspec_algorithm, register_row_sizing
 
     attention_backends.register(on_cpu)

@@ -1,7 +1,7 @@
 """SGLang's request and sampling settings in the decode step's terms: whether a request finished
 normally or opted out, its logit rules (penalties, grammar, logit bias, seed) as SGLang's sampler
 would apply them, the batch's sampling parameters with the seeded requests' uniforms, and the
-custom logit processors on the root rows."""
+custom logit processors on the root rows; and a seeded request's first token, drawn with its seed."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import torch
 from sgl_longspec.adapter import sglang_compat
 from sgl_longspec.adapter.algorithm import plain_runs_overlap
 from sgl_longspec.step.records import SamplingParams
-from sgl_longspec.verify.acceptance import seeded_uniforms
+from sgl_longspec.drafters.draft import Draft
+from sgl_longspec.verify.acceptance import seeded_uniforms, verify_sampling
 from sgl_longspec.verify.logit_rules import LogitRules, Penalties
 
 
@@ -100,3 +101,43 @@ def request_seed(req) -> Optional[int]:
     if sp.sampling_seed is None or sp.temperature < 1e-6 or sp.top_k == 1:
         return None
     return int(sp.sampling_seed)
+
+
+def redraw_seeded_first_tokens(batch, res, sampler) -> bool:
+    """The first token of a seeded sampling request, drawn as its later tokens are (with the
+    uniform seeded_uniforms(seed, position)); SGLang's sampler drew it without the seed.
+
+    Read after SGLang's sampler (sglang_compat.sampled_probs, checked there): Sampler.forward
+    has OVERWRITTEN `next_token_logits` in place with softmax(processed logits / T), the
+    probabilities it sampled from (after penalties, grammar, logit bias, custom processors;
+    before top-k / top-p / min-p). They are not logits: the token is drawn from them with the
+    request's top-k / top-p / min-p at temperature 1, passing log p as the logits
+    (softmax(log p) = p), and its logprob is the one SGLang's sampler returns for a token it
+    draws (sglang_compat.sampled_token_logprobs); top / token-id logprobs do not depend on
+    the token. Where the tensor does not hold such probabilities, SGLang's own draw stays:
+    the right law, only not reproducible by the seed; returns False then (the worker warns)."""
+    info = batch.sampling_info
+    if info.is_all_greedy or batch_needs_engine_sampler(batch):
+        return True  # no sampling; or SGLang's sampler itself draws with the seed / a watermark
+    out = res.logits_output
+    if out.next_token_logits is None or out.next_token_logits.shape[0] != len(batch.reqs):
+        return True  # nothing sampled here to redraw (SGLang's draw stands)
+    rows = [b for b, r in enumerate(batch.reqs) if request_seed(r) is not None]
+    idx = torch.tensor(rows, device=out.next_token_logits.device)
+    probs = sglang_compat.sampled_probs(sampler, info, out.next_token_logits.index_select(0, idx))
+    if probs is None:
+        return False
+    # the position of the token drawn (after a retraction the output re-enters the prefill)
+    positions = [len(batch.reqs[b].origin_input_ids) + len(batch.reqs[b].output_ids)
+                 for b in rows]
+    u = torch.cat([seeded_uniforms(request_seed(batch.reqs[b]), [p]) for b, p in zip(rows, positions)])
+    vr = verify_sampling([Draft.empty()] * len(rows), torch.log(probs), temperature=1.0,
+                         top_k=info.top_ks.view(-1)[idx], top_p=info.top_ps.view(-1)[idx],
+                         min_p=info.min_ps.view(-1)[idx], uniforms=u)
+    tokens = torch.tensor([r.bonus_token for r in vr.requests()], device=probs.device)
+    res.next_token_ids[idx] = tokens.to(res.next_token_ids.dtype)
+    lp = out.next_token_logprobs
+    if batch.return_logprob and lp is not None and lp.shape[0] == len(batch.reqs):
+        lp[idx] = sglang_compat.sampled_token_logprobs(
+            probs, tokens, info.temperatures.view(-1)[idx]).to(lp.dtype)
+    return True

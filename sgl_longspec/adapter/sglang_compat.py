@@ -13,7 +13,8 @@ What is used, and why it is public enough:
 - The speculative worker protocol (`BaseSpecWorker`, `GenerationBatchResult`, `ForwardMode`,
   `CaptureHiddenMode`) and the helpers SGLang's own speculative workers share
   (`assign_extend_cache_locs_func`, `move_accept_tokens_to_target_kvcache`,
-  `compute_spec_logprobs`, `NgramVerifyInput` as the no-draft-KV spec input).
+  `compute_spec_logprobs`, `NgramVerifyInput` as the draft input the batch carries between
+  steps, `SpecInput`/`SpecInputType` as the base and tag of LONGSPEC's own verify input).
 """
 
 from __future__ import annotations
@@ -78,6 +79,9 @@ _NAMES = {
     "CustomSpecAlgo": "sglang.srt.speculative.spec_info",
     "BaseSpecWorker": "sglang.srt.speculative.base_spec_worker",
     "NgramVerifyInput": "sglang.srt.speculative.ngram_info",
+    # the base of LONGSPEC's verify input (sgl_longspec.adapter.verify_input) and its phase tag
+    "SpecInput": "sglang.srt.speculative.spec_info",
+    "SpecInputType": "sglang.srt.speculative.spec_info",
     "move_accept_tokens_to_target_kvcache": "sglang.srt.speculative.spec_utils",
     "compute_spec_logprobs": "sglang.srt.layers.logprob_processor",
     "apply_custom_logit_processor": "sglang.srt.layers.sampler",

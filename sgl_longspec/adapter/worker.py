@@ -28,22 +28,21 @@ import time
 import torch
 
 from sgl_longspec.adapter import sglang_compat
-from sgl_longspec.adapter.config import LongSpecConfig
+from sgl_longspec.config import LongSpecConfig
 from sgl_longspec.adapter.corpus_service import CorpusService
 from sgl_longspec.adapter.loading import load_owl_drafter, load_startup_corpus
 from sgl_longspec.adapter.observability import (attention_ms, cascade_counts, maybe_torch_profile,
                                                 record_request_steps, write_stats_file)
 from sgl_longspec.adapter.request_params import (batch_needs_engine_sampler, custom_processors,
                                                  finished_ok, logit_rules, opted_out,
-                                                 request_seed, sampling_params)
+                                                 redraw_seeded_first_tokens, request_seed,
+                                                 sampling_params)
 from sgl_longspec.adapter.tp_sync import RankZeroDecisions, tp_group
 from sgl_longspec.adapter.verify_input import verify_input_cls
-from sgl_longspec.drafters.draft import Draft
 from sgl_longspec.step.controller import LongSpecController
 from sgl_longspec.step.records import RequestView, StepPlan
 from sgl_longspec.step.faults import Faults
 from sgl_longspec.step.router import Load
-from sgl_longspec.verify.acceptance import seeded_uniforms, verify_sampling
 from sgl_longspec.verify.layout import VerifyLayout
 
 logger = logging.getLogger("sgl_longspec")
@@ -62,6 +61,7 @@ class LongSpecWorker(sglang_compat.name("BaseSpecWorker")):
         self.speculative_num_draft_tokens = self.window
         self.config = LongSpecConfig.from_env()
         self.config.validate(self.window)
+        self._warned_seeded_first = False  # redraw_seeded_first_tokens could not redraw (once)
         self.context_len = int(self.model_runner.model_config.context_len)
         self.row_width = None  # the req_to_token row width, once the pools exist (alloc_memory_pool)
         self.tp = RankZeroDecisions(tp_group())
@@ -259,7 +259,7 @@ class LongSpecWorker(sglang_compat.name("BaseSpecWorker")):
                                             res.logits_output.hidden_states)
         accept_tokens = torch.zeros(bs, self.window, dtype=torch.int32, device=self.device)
         # next_token_ids (and next_token_logprobs) are what SGLang's sampler returned (or, for a
-        # seeded request's first token, _seeded_first_tokens' draw); next_token_logits is NOT
+        # seeded request's first token, redraw_seeded_first_tokens' draw); next_token_logits is NOT
         # read here: after sampling it holds probabilities (sglang_compat.sampled_probs).
         accept_tokens[:, 0] = res.next_token_ids
         accept_lens = torch.ones(bs, dtype=torch.int32, device=self.device)
@@ -268,55 +268,15 @@ class LongSpecWorker(sglang_compat.name("BaseSpecWorker")):
     def _forward_extend(self, batch, on_publish, pp_proxy_tensors):
         res = self.target_worker.forward_batch_generation(
             batch, pp_proxy_tensors=pp_proxy_tensors, capture_hidden_mode=self._capture_mode(False))
-        if any(request_seed(r) is not None for r in batch.reqs):
-            self._seeded_first_tokens(batch, res)
+        if (any(request_seed(r) is not None for r in batch.reqs)
+                and not redraw_seeded_first_tokens(batch, res, self.model_runner.sampler)
+                and not self._warned_seeded_first):
+            self._warned_seeded_first = True
+            logger.warning("LONGSPEC: SGLang's sampler left no probabilities to redraw a seeded "
+                           "request's first token from; its own (unseeded) draw is kept")
         accept_tokens, accept_lens = self._one_token_result(batch, res)
         return self._result(batch, res.logits_output, res.can_run_cuda_graph, accept_tokens,
                             accept_lens, batch.seq_lens.clone(), res.next_token_ids, on_publish)
-
-    def _seeded_first_tokens(self, batch, res) -> None:
-        """The first token of a seeded sampling request, drawn as its later tokens are (with the
-        uniform seeded_uniforms(seed, position)); SGLang's sampler drew it without the seed.
-
-        Read after SGLang's sampler (sglang_compat.sampled_probs, checked there): Sampler.forward
-        has OVERWRITTEN `next_token_logits` in place with softmax(processed logits / T), the
-        probabilities it sampled from (after penalties, grammar, logit bias, custom processors;
-        before top-k / top-p / min-p). They are not logits: the token is drawn from them with the
-        request's top-k / top-p / min-p at temperature 1, passing log p as the logits
-        (softmax(log p) = p), and its logprob is the one SGLang's sampler returns for a token it
-        draws (sglang_compat.sampled_token_logprobs); top / token-id logprobs do not depend on
-        the token. Where the tensor does not hold such probabilities, SGLang's own draw stays:
-        the right law, only not reproducible by the seed (warned once)."""
-        info = batch.sampling_info
-        if info.is_all_greedy or batch_needs_engine_sampler(batch):
-            return  # no sampling; or SGLang's sampler itself draws with the seed / a watermark
-        out = res.logits_output
-        if out.next_token_logits is None or out.next_token_logits.shape[0] != len(batch.reqs):
-            return
-        rows = [b for b, r in enumerate(batch.reqs) if request_seed(r) is not None]
-        idx = torch.tensor(rows, device=out.next_token_logits.device)
-        probs = sglang_compat.sampled_probs(self.model_runner.sampler, info,
-                                            out.next_token_logits.index_select(0, idx))
-        if probs is None:
-            if not getattr(self, "_warned_seeded_first", False):
-                self._warned_seeded_first = True
-                logger.warning("LONGSPEC: SGLang's sampler left no probabilities to redraw a "
-                               "seeded request's first token from; its own (unseeded) draw is "
-                               "kept")
-            return
-        # the position of the token drawn (after a retraction the output re-enters the prefill)
-        positions = [len(batch.reqs[b].origin_input_ids) + len(batch.reqs[b].output_ids)
-                     for b in rows]
-        u = torch.cat([seeded_uniforms(request_seed(batch.reqs[b]), [p]) for b, p in zip(rows, positions)])
-        vr = verify_sampling([Draft.empty()] * len(rows), torch.log(probs), temperature=1.0,
-                             top_k=info.top_ks.view(-1)[idx], top_p=info.top_ps.view(-1)[idx],
-                             min_p=info.min_ps.view(-1)[idx], uniforms=u)
-        tokens = torch.tensor([r.bonus_token for r in vr.requests()], device=probs.device)
-        res.next_token_ids[idx] = tokens.to(res.next_token_ids.dtype)
-        lp = out.next_token_logprobs
-        if batch.return_logprob and lp is not None and lp.shape[0] == len(batch.reqs):
-            lp[idx] = sglang_compat.sampled_token_logprobs(
-                probs, tokens, info.temperatures.view(-1)[idx]).to(lp.dtype)
 
     def _window_locs(self, batch) -> torch.Tensor:
         """KV slots the scheduler reserved per request for this step: [bs, window]. They lie

@@ -7,7 +7,7 @@ from typing import Hashable, Sequence
 
 from sgl_longspec.drafters.corpus import SuffixCorpus
 from sgl_longspec.drafters.draft import Draft
-from sgl_longspec.drafters.protocol import DraftRequest
+from sgl_longspec.drafters.protocol import DraftRequest, Observation
 
 
 class CorpusDrafter:
@@ -21,6 +21,9 @@ class CorpusDrafter:
     def context_tokens(self) -> int:
         """How many of a request's last tokens a draft can match on (DraftRequest.context)."""
         return self.corpus.max_depth
+
+    def observe(self, obs: Observation) -> None:
+        pass  # drafts match on DraftRequest.context; nothing is kept per request
 
     def propose(self, requests: Sequence[DraftRequest]) -> list[Draft]:
         return [self.corpus.speculate(r.context, r.budget, use_tree=self.use_tree) for r in requests]

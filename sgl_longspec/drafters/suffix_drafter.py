@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Hashable, Sequence
 
 from sgl_longspec.drafters.draft import Draft
-from sgl_longspec.drafters.protocol import DraftRequest
+from sgl_longspec.drafters.protocol import DraftRequest, Observation
 from sgl_longspec.drafters.suffix_index import SuffixIndex
 
 
 class SuffixDrafter:
-    """The suffix index as a drafter; it also owns the request's token stream (`sync`)."""
+    """The suffix index as a drafter: each request's tree follows its tokens (`observe`)."""
 
     name = "suffix"
 
@@ -18,10 +18,9 @@ class SuffixDrafter:
         self.index = index
         self.indexed: dict[Hashable, int] = {}  # rid -> tokens indexed
 
-    def sync(self, view) -> None:
-        """Bring the request's tree to view.prompt + view.output (a RequestView; appending only
-        what is new)."""
-        rid, prompt, output = view.rid, view.prompt, view.output
+    def observe(self, obs: Observation) -> None:
+        """Bring the request's tree to obs.prompt + obs.output (appending only what is new)."""
+        rid, prompt, output = obs.rid, obs.prompt, obs.output
         total = len(prompt) + len(output)
         have = self.indexed.get(rid)
         if have is not None and have > total:  # retracted and re-admitted: start over

@@ -4,10 +4,10 @@ The SGLang adapter (sgl_longspec.adapter.worker) turns each decode batch into `R
 asks the controller what to verify; it runs the forward and hands the logits back. Everything in
 between lives here and is tested on a fake batch harness (tests/test_controller.py):
 
-- the request lifecycle: a request's tokens enter its suffix tree on first sight and after each
-  step; a request that left the batch is released (a finished output joins the global tree, an
-  aborted one is dropped);
-- the drafters, behind one small protocol (`Drafter`: name, propose, forget): the suffix index,
+- the request lifecycle: every drafter observes what each request holds at the start of each
+  step (its tokens, and the target hidden state the last step captured for it); a request that
+  left the batch is released (a finished output joins the global tree, an aborted one is dropped);
+- the drafters, behind one protocol (`Drafter`: name, observe, propose, forget): the suffix index,
   the external corpus and the OWL model drafter;
 - the router's step (`plan_step` -> `StepPlan`): which drafter, how many tokens, or no draft;
 - verification (greedy or lossless sampling, sgl_longspec.verify.acceptance) and what it teaches the router;
@@ -27,12 +27,12 @@ from typing import Callable, Hashable, Optional, Sequence
 import numpy as np
 import torch
 
-from sgl_longspec.adapter.config import LongSpecConfig
+from sgl_longspec.config import LongSpecConfig
 from sgl_longspec.drafters.corpus import SuffixCorpus
 from sgl_longspec.drafters.corpus_drafter import CorpusDrafter
 from sgl_longspec.drafters.draft import Draft
 from sgl_longspec.drafters.owl.drafter import OwlDrafter
-from sgl_longspec.drafters.protocol import DraftRequest, Drafter
+from sgl_longspec.drafters.protocol import DraftRequest, Drafter, Observation
 from sgl_longspec.drafters.suffix_drafter import SuffixDrafter
 from sgl_longspec.drafters.suffix_index import SuffixIndex, SuffixIndexConfig
 from sgl_longspec.step.breaker import CircuitBreaker
@@ -101,6 +101,9 @@ class LongSpecController:
         self.breakers = {name: CircuitBreaker() for name in ("suffix_drafter", "owl_drafter")}
         self._prev: dict[Hashable, object] = {}  # rid -> handle, the previous decode batch
         self._plain: set[Hashable] = set()  # requests turned to plain decoding by a failure
+        # rid -> the target hidden state that produced the request's newest token, captured by
+        # the last forward (remember_hidden) and handed to the drafters at the next step's observe
+        self._captured_hidden: dict[Hashable, torch.Tensor] = {}
 
     # ---- failures -----------------------------------------------------------------------------
     def fallback(self, cause: str, rids: Sequence[Hashable], what: str) -> None:
@@ -154,11 +157,14 @@ class LongSpecController:
         for rid in list(self.suffix.indexed):
             self.release(rid, keep_output=False)
         self._plain.clear()
+        self._captured_hidden.clear()
 
     def remember_hidden(self, rids: Sequence[Hashable], hidden: Optional[torch.Tensor]) -> None:
-        """The target hidden states whose logits produced each request's newest token."""
-        if self.owl is not None and hidden is not None:
-            self.owl.remember(rids, hidden)
+        """The target hidden states whose logits produced each request's newest token (row b for
+        rids[b]); the drafters observe them at the next step. Only kept while a drafter uses them."""
+        if self.wants_hidden_states and hidden is not None:
+            for b, rid in enumerate(rids):
+                self._captured_hidden[rid] = hidden[b]
 
     @property
     def wants_hidden_states(self) -> bool:
@@ -172,18 +178,9 @@ class LongSpecController:
         for breaker in self.breakers.values():
             breaker.step()
         self.release_departed(views)
-        if self.owl is not None:
-            self.owl.retain({v.rid for v in views})
         bs = len(views)
         eligible = [not v.plain_only and v.rid not in self._plain for v in views]
-        for i, v in enumerate(views):
-            if eligible[i]:
-                try:
-                    self.faults.check("index")
-                    self.suffix.sync(v)
-                except Exception:
-                    self.fallback("index", [v.rid], f"indexing request {v.rid}")
-                    eligible[i] = False
+        self._observe(views, eligible)
         step_budget = self.router.draft_budget(bs, load)
         if load is not None:
             self.counters.last_load = {"waiting": load.waiting, "kv_free_tokens": load.kv_free_tokens,
@@ -210,6 +207,24 @@ class LongSpecController:
         rules = self.step_rules(views, drafts)
         self.counters.draft_ms += 1e3 * (time.perf_counter() - t0)
         return StepPlan(drafts, rules)
+
+    def _observe(self, views: Sequence[RequestView], eligible: list[bool]) -> None:
+        """Every drafter observes each eligible request; a failure turns that request plain
+        (cause "index": what the request holds could not be indexed). Hidden states captured for
+        requests that are not in this batch (finished during prefill, never decoded, so never
+        released as departed) or not eligible are dropped here."""
+        captured, self._captured_hidden = self._captured_hidden, {}
+        for i, v in enumerate(views):
+            if not eligible[i]:
+                continue
+            obs = Observation(v.rid, v.prompt, v.output, captured.get(v.rid))
+            try:
+                self.faults.check("index")
+                for drafter in self._drafters():
+                    drafter.observe(obs)
+            except Exception:
+                self.fallback("index", [v.rid], f"observing request {v.rid}")
+                eligible[i] = False
 
     def step_rules(self, views, drafts: list[Draft], check_faults: bool = True) -> Optional[StepRules]:
         """Prune each draft to its request's grammar (in place in `drafts`) and collect the
@@ -374,7 +389,8 @@ class LongSpecController:
             "corpus_bytes": self.corpus.memory_bytes(),
             "tracked_requests": len(self._prev),
             "router_records": len(self.router),
-            "hidden_states": len(self.owl.hidden) if self.owl is not None else 0,
+            "hidden_states": (len(self.owl.hidden) if self.owl is not None else 0)
+                             + len(self._captured_hidden),
             "injected_faults": dict(self.faults.injected),
             "cost_model_ms": self.router.cost.params,  # (a, b, c) of the router's step model
             "refusals": dict(self.router.refusals),

@@ -17,7 +17,7 @@ import time
 import urllib.error
 import urllib.request
 
-from sgl_longspec.adapter.config import LongSpecConfig
+from sgl_longspec.config import LongSpecConfig
 from sgl_longspec.tools.models import EMBEDDED_MODELS, ModelError, cache_dir, resolve_model_path
 
 # Defaults for a CPU-only machine of this project's kind (2 cores, 24 GiB). Sized so the KV pool
@@ -66,7 +66,7 @@ def wait_healthy(base_url: str, proc: subprocess.Popen | None, timeout: float) -
 def apply_longspec_args(extra: list[str]) -> list[str]:
     """Check the --longspec-* flags before paying for a server start (a bad value is an error
     here, at once); they then pass through to SGLang's own parser, which knows them through the
-    plugin's hook (sgl_longspec.adapter.config.register_cli_hooks)."""
+    plugin's hook (sgl_longspec.config.register_cli_hooks)."""
     parser = argparse.ArgumentParser(add_help=False)
     LongSpecConfig.add_cli_args(parser)
     ns, rest = parser.parse_known_args(extra)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from sgl_longspec.drafters.owl.checkpoint import load_drafter
-from sgl_longspec.training import owl_data
+from sgl_longspec.training import owl_data, owl_prompts
 from sgl_longspec.training.owl_train import evaluate_examples, load_target
 
 def long_prompt_ids(tok, n_tokens: int, index: int, seed: int = 0) -> list[int]:
@@ -35,14 +35,14 @@ def long_prompt_ids(tok, n_tokens: int, index: int, seed: int = 0) -> list[int]:
     standard-library source + "explain the last function"."""
     rng = random.Random(seed * 1000 + index)
     if index % 2 == 0:
-        convs = owl_data.sharegpt_conversations(400)
+        convs = owl_prompts.sharegpt_conversations(400)
         rng.shuffle(convs)
-        pieces, q = [owl_data.render_conversation(c) for c in convs], owl_data.SUMMARY_Q
+        pieces, q = [owl_prompts.render_conversation(c) for c in convs], owl_prompts.SUMMARY_Q
     else:
-        files = owl_data.stdlib_files()
+        files = owl_prompts.stdlib_files()
         rng.shuffle(files)
-        pieces, q = owl_data.code_file_pieces(files[:200]), owl_data.CODE_Q
-    return owl_data.fit_context_ids(tok, pieces, q, n_tokens)
+        pieces, q = owl_prompts.code_file_pieces(files[:200]), owl_prompts.CODE_Q
+    return owl_prompts.fit_context_ids(tok, pieces, q, n_tokens)
 
 
 @torch.no_grad()

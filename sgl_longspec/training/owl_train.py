@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from sgl_longspec.drafters.owl.checkpoint import build_drafter, load_drafter
 from sgl_longspec.drafters.owl.model import OwlModel
-from sgl_longspec.training import owl_data
+from sgl_longspec.training import owl_data, owl_prompts
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -133,8 +133,8 @@ def build_data(args, model_path, tok, model) -> dict[str, list[dict]]:
         / "owl-data" / key)
     root.mkdir(parents=True, exist_ok=True)
     (root / "settings.json").write_text(json.dumps({"model": str(model_path), **settings}, indent=2))
-    splits = owl_data.split_prompts(args.n_chat, args.n_humaneval, args.n_code_files,
-                                    args.n_heldout_chat, args.n_heldout_code, seed=args.seed)
+    splits = owl_prompts.split_prompts(args.n_chat, args.n_humaneval, args.n_code_files,
+                                       args.n_heldout_chat, args.n_heldout_code, seed=args.seed)
     out = {}
     for name in ("heldout_chat", "heldout_code", "train"):
         greedy = name != "train"

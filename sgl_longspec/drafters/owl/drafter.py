@@ -8,12 +8,12 @@ from typing import Hashable, Sequence
 import torch
 
 from sgl_longspec.drafters.draft import Draft
-from sgl_longspec.drafters.protocol import DraftRequest
+from sgl_longspec.drafters.protocol import DraftRequest, Observation
 
 
 class OwlDrafter:
     """The OWL LSTM drafter: one batched tree per step, from the target hidden state that produced
-    each request's root token (`remember`)."""
+    each request's root token (`observe`)."""
 
     name = "owl"
 
@@ -23,18 +23,13 @@ class OwlDrafter:
         self.max_nodes = max_nodes
         self.hidden: dict[Hashable, torch.Tensor] = {}
 
-    def remember(self, rids: Sequence[Hashable], hidden: torch.Tensor) -> None:
-        for b, rid in enumerate(rids):
-            self.hidden[rid] = hidden[b]
+    def observe(self, obs: Observation) -> None:
+        if obs.hidden is not None:
+            self.hidden[obs.rid] = obs.hidden
 
     def has_state(self, rid: Hashable) -> bool:
+        """Whether a hidden state was observed for the request (it can be drafted for)."""
         return rid in self.hidden
-
-    def retain(self, rids: set) -> None:
-        """Drop the states of requests outside `rids` (e.g. finished during prefill, never
-        decoded, so never released as departed)."""
-        for rid in [r for r in self.hidden if r not in rids]:
-            del self.hidden[rid]
 
     def propose(self, requests: Sequence[DraftRequest]) -> list[Draft]:
         if not requests:

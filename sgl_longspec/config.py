@@ -1,13 +1,6 @@
-"""LONGSPEC options: `--longspec-*` flags, validated once, carried to the scheduler process.
-
-The flags join SGLang's own command line through two HookRegistry hooks (`register_cli_hooks`):
-after `ServerArgs.add_cli_args` they are added to SGLang's parser (so `python -m
-sglang.launch_server --help` lists them and a typo is an argparse error), and after
-`ServerArgs.from_cli_args` the given ones are validated and handed to the scheduler processes in
-the environment variable LONGSPEC_CONFIG (JSON; the launcher's environment is inherited by the
-processes it spawns). LONGSPEC_CONFIG set by hand is the base that flags override, which is also
-the route for `sglang.Engine(...)` users. The window check against
---speculative-num-draft-tokens runs in the algorithm's server-args hook, once that is resolved.
+"""LONGSPEC's options (engine-independent): one record, its checks, its `--longspec-*` flags on any
+argparse parser, and its transport to other processes (the environment variable LONGSPEC_CONFIG,
+JSON). How the flags join SGLang's command line: sgl_longspec.adapter.cli_flags.
 """
 
 from __future__ import annotations
@@ -16,7 +9,6 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 from dataclasses import dataclass, fields
 
 ENV_VAR = "LONGSPEC_CONFIG"
@@ -128,30 +120,6 @@ class LongSpecConfig:
         given = {f.name: getattr(ns, "longspec_" + f.name) for f in fields(cls)
                  if hasattr(ns, "longspec_" + f.name)}
         return dataclasses.replace(base or cls(), **given)
-
-
-def _after_add_cli_args(result, parser, *args, **kwargs):
-    LongSpecConfig.add_cli_args(parser)
-
-
-def _after_from_cli_args(server_args, cls, ns, *args, **kwargs):
-    given = any(hasattr(ns, "longspec_" + f.name) for f in fields(LongSpecConfig))
-    if given:
-        try:
-            cfg = LongSpecConfig.from_cli(ns, LongSpecConfig.from_env())
-            cfg.validate()  # ranges now; the window once SGLang has resolved it
-        except ValueError as e:  # argparse's convention: usage error, exit status 2
-            print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
-        cfg.to_env()
-    return None  # the ServerArgs unchanged
-
-
-def register_cli_hooks() -> None:
-    from sgl_longspec.adapter import sglang_compat
-
-    sglang_compat.hook(sglang_compat.ADD_CLI_ARGS, _after_add_cli_args, "AFTER")
-    sglang_compat.hook(sglang_compat.FROM_CLI_ARGS, _after_from_cli_args, "AFTER")
 
 
 def _parse_bool(v: str) -> bool:
