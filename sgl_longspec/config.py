@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, fields
 
 ENV_VAR = "LONGSPEC_CONFIG"
+DRAFT_SHAPES = ("chain", "tree", "auto")
 
 
 @dataclass
@@ -22,7 +23,10 @@ class LongSpecConfig:
     spec_offset: float = 0.0
     min_token_prob: float = 0.1  # stop a draft path once its estimated probability falls below
     max_depth: int = 64  # suffix tree depth cap (match + draft)
-    use_tree: bool = False  # tree drafts (siblings) instead of chains
+    # Draft shape of the suffix index and the corpus: "chain", "tree" (siblings where the index
+    # saw other continuations), or "auto": both are drafted and the router keeps, per request
+    # and step, the one with the higher calibrated net value (sgl_longspec.step.router)
+    draft_shape: str = "chain"
     global_cache_requests: int = 4096  # past outputs kept in the global tree (FIFO)
     global_cache_mb: int = 512  # and the memory they may take
     corpus: str = ""  # external corpus indexed at start: files or folders, comma-separated
@@ -67,6 +71,7 @@ class LongSpecConfig:
         check("howl_threshold", 0.0 <= self.howl_threshold <= 1e3, "must be in [0, 1000]")
         check("owl_max_nodes", 1 <= self.owl_max_nodes <= 256, "must be in [1, 256]")
         check("owl_top_k", 1 <= self.owl_top_k <= 64, "must be in [1, 64]")
+        check("draft_shape", self.draft_shape in DRAFT_SHAPES, f"must be one of {', '.join(DRAFT_SHAPES)}")
         if self.drafter_path and self.drafter_path.lower() != "none":
             # The checkpoint's files, before any model is loaded: a missing, unreadable or truncated
             # one stops the launch at once with the file named. Whether it fits the target is

@@ -599,3 +599,50 @@ def test_controller_drafts_from_the_parts_it_is_given():
     view = RequestView("r", prompt=[7, 8, 50, 51, 52], output=[53], handle="r", remaining=10)
     plan = ctl.plan_step([view])
     assert plan.drafts[0].source == "corpus" and plan.drafts[0].token_ids.tolist()[:3] == [54, 55, 56]
+
+
+def branchy(seed: int, n_units: int, tail_units: int, endings: int = 2, unit_len: int = 3,
+            end_len: int = 2):
+    """A stream of one short repeated unit, each occurrence followed by one of `endings` endings
+    drawn at random: after the unit the suffix index has seen every ending (a tree covers them,
+    a chain guesses one)."""
+    rng = np.random.default_rng(seed)
+    unit = rng.integers(0, VOCAB, unit_len).tolist()
+    ends = [rng.integers(0, VOCAB, end_len).tolist() for _ in range(endings)]
+    seq = []
+    for _ in range(n_units + tail_units):
+        seq += unit + ends[int(rng.integers(endings))]
+    cut = n_units * (unit_len + end_len)
+    return seq[:cut], seq[cut:]
+
+
+def shape_run(draft_shape: str, req: tuple, **cfg) -> LongSpecController:
+    ctl = controller(draft_shape=draft_shape, **cfg)
+    r = FakeRequest("r", *req)
+    run_to_completion(ctl, [r])
+    assert r.output == r.stream[len(r.prompt):]
+    assert not ctl.counters.fallbacks
+    return ctl
+
+
+def tau(ctl) -> float:
+    c = ctl.counters
+    return (c.accepted + c.verify_steps) / max(c.verify_steps, 1)
+
+
+def test_draft_shape_per_request_trees_where_siblings_are_right():
+    """Where the next tokens branch (matches kept short, --longspec-max-depth 16, so the index
+    cannot memorise which ending came when), "auto" drafts trees and their side nodes get
+    accepted, and it accepts more per verify step than chains alone. Where the text is copied,
+    it drafts chains."""
+    req = branchy(0, 60, 30)
+    chain, auto = shape_run("chain", req, max_depth=16), shape_run("auto", req, max_depth=16)
+    assert set(chain.counters.by_shape) == {"chain"}
+    shapes = auto.counters.by_shape
+    assert shapes["tree"].drafts > 0 and shapes["tree"].accepted > 0
+    assert shapes["tree"].width_sum > shapes["tree"].drafts  # wider than chains
+    side = auto.router._global.get("suffix/side")
+    assert side is not None and side[1] > 0  # side nodes were accepted
+    assert tau(auto) > tau(chain)
+    copy = shape_run("auto", repetitive(7, 9, 5, 60))
+    assert set(copy.counters.by_shape) == {"chain"}

@@ -434,7 +434,8 @@ def test_router_howl_pick():
 
 @pytest.mark.parametrize("field,value", [("max_spec_tokens", 0), ("min_token_prob", 1.5),
                                          ("spec_factor", -1.0), ("owl_top_k", 0),
-                                         ("corpus", "/no/such/repo"), ("corpus_mb", -1)])
+                                         ("corpus", "/no/such/repo"), ("corpus_mb", -1),
+                                         ("draft_shape", "bush")])
 def test_config_rejects_bad_values(field, value):
     cfg = LongSpecConfig(**{field: value})
     with pytest.raises(ValueError, match=field.replace("_", "-")):

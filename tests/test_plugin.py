@@ -110,9 +110,9 @@ def test_longspec_flags_on_sglangs_own_parser(registered, monkeypatch):
     HookRegistry.apply_hooks()
     monkeypatch.setenv(ENV_VAR, json.dumps({"min_score": 0.5}))  # the base flags override
     prepare_server_args(["--model-path", "m", "--longspec-max-spec-tokens", "7",
-                         "--longspec-use-tree", "true"])
+                         "--longspec-draft-shape", "tree"])
     cfg = LongSpecConfig.from_env()
-    assert (cfg.max_spec_tokens, cfg.use_tree, cfg.min_score) == (7, True, 0.5)
+    assert (cfg.max_spec_tokens, cfg.draft_shape, cfg.min_score) == (7, "tree", 0.5)
     with pytest.raises(SystemExit) as e:
         prepare_server_args(["--model-path", "m", "--longspec-min-token-prob", "2"])
     assert e.value.code == 2
@@ -276,14 +276,17 @@ def test_prometheus_counters_follow_the_step_counters():
     import prometheus_client
 
     from sgl_longspec.adapter.metrics import PrometheusCounters
-    from sgl_longspec.step.records import Counters, SourceCounts
+    from sgl_longspec.step.records import Counters, ShapeCounts, SourceCounts
 
     prom = PrometheusCounters()
-    c = Counters(verify_steps=3, plain_steps=2, by_source={"suffix": SourceCounts(2, 9, 5)})
+    c = Counters(verify_steps=3, plain_steps=2, by_source={"suffix": SourceCounts(2, 9, 5)},
+                 by_shape={"chain": ShapeCounts(2, 9, 5, 2, 9)})
     c.fallbacks["verify"] = 1
     prom.update(c, Counter({"unprofitable": 4}))
     c.by_source["suffix"].add(3, 1)
     c.by_source["owl"] = SourceCounts(1, 4, 4)
+    c.by_shape["tree"] = ShapeCounts()
+    c.by_shape["tree"].add(4, 4, 2, 3)
     prom.update(c, Counter({"unprofitable": 4}))
 
     def value(name, **labels):
@@ -292,4 +295,5 @@ def test_prometheus_counters_follow_the_step_counters():
     assert value("drafts", drafter="suffix") == 3 and value("draft_tokens", drafter="suffix") == 12
     assert value("accepted_tokens", drafter="suffix") == 6 and value("accepted_tokens", drafter="owl") == 4
     assert value("steps", kind="verify") == 3 and value("steps", kind="plain") == 2
+    assert value("shape_drafts", shape="chain") == 2 and value("shape_drafts", shape="tree") == 1
     assert value("refusals", reason="unprofitable") == 4 and value("fallbacks", cause="verify") == 1

@@ -10,6 +10,7 @@ land there the same way. Names follow SGLang's `sglang:` prefix and vLLM's spec-
   sglang:longspec_steps_total{kind}                decode steps: verify / plain (and, among
                                                    the plain ones, saturated: the load left no
                                                    draft budget)
+  sglang:longspec_shape_drafts_total{shape}       verified drafts by shape: chain / tree
   sglang:longspec_refusals_total{reason}           drafts the router did not verify, by reason
   sglang:longspec_fallbacks_total{cause}           failures that turned requests plain, by cause
 """
@@ -30,6 +31,7 @@ class PrometheusCounters:
             "draft_tokens": counter("draft_tokens", "LONGSPEC draft tokens verified.", "drafter"),
             "accepted": counter("accepted_tokens", "LONGSPEC draft tokens accepted.", "drafter"),
         }
+        self._shapes = counter("shape_drafts", "LONGSPEC drafts verified, by shape.", "shape")
         self._steps = counter("steps", "LONGSPEC decode steps by kind.", "kind")
         self._refusals = counter("refusals", "LONGSPEC drafts not verified, by reason.", "reason")
         self._fallbacks = counter("fallbacks", "LONGSPEC failures that turned requests to plain "
@@ -47,6 +49,8 @@ class PrometheusCounters:
         for source, counts in counters.by_source.items():
             for field_name, metric in self._by_source.items():
                 self._add(metric, ("src", field_name, source), source, getattr(counts, field_name))
+        for shape, counts in counters.by_shape.items():
+            self._add(self._shapes, ("shape", shape), shape, counts.drafts)
         self._add(self._steps, ("steps", "verify"), "verify", counters.verify_steps)
         self._add(self._steps, ("steps", "plain"), "plain", counters.plain_steps)
         self._add(self._steps, ("steps", "saturated"), "saturated", counters.saturated_steps)

@@ -71,14 +71,16 @@ class _ProfileOnce:
 def record_request_steps(reqs, drafts, accepted) -> None:
     """Each request's LONGSPEC figures so far, in its response's meta_info["longspec"] (through
     SGLang's customized_info, which a non-streaming response carries whole): verify and plain
-    steps, and draft tokens verified and accepted per drafter. Opt out per request with
+    steps, draft tokens verified and accepted per drafter, and verified drafts per shape (chain /
+    tree). Opt out per request with
     `custom_params: {"longspec_stats": "off"}`."""
     for b, req in enumerate(reqs):
         if opted_out(req, "longspec_stats"):
             continue
         info = req.customized_info if isinstance(req.customized_info, dict) else {}
         cur = info.get("longspec")
-        s = cur[0] if cur else {"verify_steps": 0, "plain_steps": 0, "drafted": {}, "accepted": {}}
+        s = cur[0] if cur else {"verify_steps": 0, "plain_steps": 0, "drafted": {}, "accepted": {},
+                                "shapes": {}}
         if drafts is None:
             s["plain_steps"] += 1
         else:
@@ -87,6 +89,7 @@ def record_request_steps(reqs, drafts, accepted) -> None:
             if len(d):
                 s["drafted"][d.source] = s["drafted"].get(d.source, 0) + len(d)
                 s["accepted"][d.source] = s["accepted"].get(d.source, 0) + int(accepted[b])
+                s["shapes"][d.shape] = s["shapes"].get(d.shape, 0) + 1
         info["longspec"] = [s]
         req.customized_info = info
 

@@ -13,9 +13,8 @@ from sgl_longspec.drafters.protocol import DraftRequest, Observation
 class CorpusDrafter:
     name = "corpus"
 
-    def __init__(self, corpus: SuffixCorpus, use_tree: bool):
+    def __init__(self, corpus: SuffixCorpus):
         self.corpus = corpus
-        self.use_tree = use_tree
 
     @property
     def context_tokens(self) -> int:
@@ -26,7 +25,8 @@ class CorpusDrafter:
         pass  # drafts match on DraftRequest.context; nothing is kept per request
 
     def propose(self, requests: Sequence[DraftRequest]) -> list[Draft]:
-        return [self.corpus.speculate(r.context, r.budget, use_tree=self.use_tree) for r in requests]
+        return [self.corpus.speculate(r.context, r.budget, use_tree=r.shape == "tree")
+                for r in requests]
 
     def forget(self, rid: Hashable, keep_output: bool) -> None:
         pass  # no per-request state

@@ -9,7 +9,9 @@ Conventions (shared by the suffix index, the OWL drafter, verification and the a
   router compares across drafters.
 - In a verify pass the root occupies slot 0 and node i slot i + 1; ``tree_mask(include_root=True)``
   is the [n + 1, n + 1] ancestor-or-self mask in that layout.
-- A chain is the special case parents == [-1, 0, 1, ..., n - 2].
+- A chain is the special case parents == [-1, 0, 1, ..., n - 2]. In a tree, the main path follows
+  from the root the most probable child at each node (the chain the drafter would have drafted);
+  every other node is a side node (``side_mask``). The router calibrates the two kinds apart.
 """
 
 from __future__ import annotations
@@ -76,12 +78,16 @@ class Draft:
         return Draft(self.token_ids[:k], self.parents[:k], self.probs[:k],
                      float(self.probs[:k].sum()), self.match_len, self.source)
 
-    def pruned(self, min_prob: float) -> "Draft":
-        """Only the nodes whose path probability is at least min_prob, and whose ancestors are kept
-        (path probabilities need not be monotone for every drafter)."""
-        keep = self.probs >= min_prob
+    def pruned(self, min_prob) -> "Draft":
+        """Only the nodes whose path probability is at least min_prob (a number, or one per node),
+        and whose ancestors are kept (path probabilities need not be monotone for every drafter)."""
+        return self.kept(self.probs >= min_prob)[0]
+
+    def kept(self, keep: np.ndarray) -> tuple["Draft", np.ndarray]:
+        """The draft of the nodes marked in `keep` whose ancestors are all kept, and the indices
+        (into this draft) of its nodes."""
         if keep.all():
-            return self
+            return self, np.arange(len(self), dtype=np.int64)
         new_index = np.full(len(self), -1, dtype=np.int32)
         kept = []
         for i, p in enumerate(self.parents):
@@ -92,7 +98,30 @@ class Draft:
         parents = np.where(self.parents[idx] < 0, -1, new_index[np.maximum(self.parents[idx], 0)])
         probs = self.probs[idx]
         return Draft(self.token_ids[idx], parents, probs, float(probs.sum()), self.match_len,
-                     self.source)
+                     self.source), idx
+
+    def side_mask(self) -> np.ndarray:
+        """Bool [n]: the nodes off the main path (the most probable child at each step from the
+        root; the first one on ties). All False for a chain."""
+        n = len(self)
+        side = np.ones(n, dtype=bool)
+        node = -1
+        while True:
+            children = np.flatnonzero(self.parents == node)
+            if not len(children):
+                break
+            node = int(children[np.argmax(self.probs[children])])
+            side[node] = False
+        return side
+
+    @property
+    def shape(self) -> str:
+        """"chain" (no node has two children; the empty draft too) or "tree"."""
+        return "chain" if len(np.unique(self.parents)) == len(self) else "tree"
+
+    def width(self) -> int:
+        """Most nodes at one depth (1 for a chain, 0 for the empty draft)."""
+        return int(np.bincount(self.depths()).max()) if len(self) else 0
 
     def tree_mask(self, include_root: bool = True) -> np.ndarray:
         """Boolean ancestor-or-self mask; with the root, slot 0 is the root and node i is slot i+1."""

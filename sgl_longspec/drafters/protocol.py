@@ -27,6 +27,9 @@ class DraftRequest:
     # the request's last tokens (root included), for drafters that match on the context rather
     # than keep per-request state (the external corpus); empty where no drafter asked for them
     context: Sequence[int] = ()
+    # "chain" or "tree": the shape asked for, from drafters that can draft both (the suffix index,
+    # the corpus); a drafter with one shape (OWL's trees) ignores it
+    shape: str = "chain"
 
 
 class Drafter(Protocol):

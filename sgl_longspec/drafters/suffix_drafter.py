@@ -37,7 +37,8 @@ class SuffixDrafter:
         self.indexed[rid] = total
 
     def propose(self, requests: Sequence[DraftRequest]) -> list[Draft]:
-        return [self.index.speculate(r.rid, max_spec_tokens=r.budget, max_tree_nodes=r.budget)
+        return [self.index.speculate(r.rid, max_spec_tokens=r.budget, max_tree_nodes=r.budget,
+                                     use_tree=r.shape == "tree")
                 for r in requests]
 
     def forget(self, rid: Hashable, keep_output: bool) -> None:

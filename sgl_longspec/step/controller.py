@@ -19,6 +19,7 @@ between lives here and is tested on a fake batch harness (tests/test_controller.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
@@ -37,13 +38,16 @@ from sgl_longspec.drafters.suffix_drafter import SuffixDrafter
 from sgl_longspec.drafters.suffix_index import SuffixIndex, SuffixIndexConfig
 from sgl_longspec.step.breaker import CircuitBreaker
 from sgl_longspec.step.faults import Faults
-from sgl_longspec.step.records import (Counters, RequestView, SamplingParams, SourceCounts,
-                                       StepPlan)
+from sgl_longspec.step.records import (Counters, RequestView, SamplingParams, ShapeCounts,
+                                       SourceCounts, StepPlan)
 from sgl_longspec.step.router import Load, Router, RouterConfig
 from sgl_longspec.verify.acceptance import VerifyResult, verify_greedy, verify_sampling
 from sgl_longspec.verify.logit_rules import StepRules, grammar_prune
 
 logger = logging.getLogger("sgl_longspec")
+
+# --longspec-draft-shape -> the shapes drafted; with two, the router keeps one per request and step
+SHAPES_DRAFTED = {"chain": ("chain",), "tree": ("tree",), "auto": ("chain", "tree")}
 
 
 def build_suffix_index(cfg: LongSpecConfig) -> SuffixIndex:
@@ -52,7 +56,7 @@ def build_suffix_index(cfg: LongSpecConfig) -> SuffixIndex:
         max_depth=cfg.max_depth, vocab_size=None, max_cached_responses=cfg.global_cache_requests,
         max_cache_bytes=cfg.global_cache_mb << 20, max_spec_tokens=cfg.max_spec_tokens,
         spec_factor=cfg.spec_factor, spec_offset=cfg.spec_offset,
-        min_token_prob=cfg.min_token_prob, use_tree=cfg.use_tree,
+        min_token_prob=cfg.min_token_prob, use_tree=cfg.draft_shape == "tree",
         max_tree_nodes=cfg.max_spec_tokens))
 
 
@@ -93,7 +97,9 @@ class LongSpecController:
         # The external corpus (--longspec-corpus, POST /add_external_corpus): consulted beside the
         # request's and the global tree; its drafts are source "corpus" to the router.
         self.corpus = corpus if corpus is not None else build_corpus(cfg)
-        self.corpus_drafter = CorpusDrafter(self.corpus, cfg.use_tree)
+        self.corpus_drafter = CorpusDrafter(self.corpus)
+        # the shapes asked of the suffix index and the corpus (--longspec-draft-shape)
+        self.shapes = SHAPES_DRAFTED[cfg.draft_shape]
         self.owl = OwlDrafter(owl_model, cfg.owl_top_k, cfg.owl_max_nodes) if owl_model else None
         self.router = router if router is not None else build_router(cfg)
         self.counters = Counters()
@@ -269,18 +275,27 @@ class LongSpecController:
                 continue
             try:
                 self.faults.check("suffix_drafter")
-                d = (self.suffix.propose([DraftRequest(v.rid, v.output[-1], budgets[i])])[0]
+                d = (self._shaped(self.suffix, DraftRequest(v.rid, v.output[-1], budgets[i]), bs)
                      if own else Draft.empty())
                 if corpus:
-                    c = self.corpus_drafter.propose([DraftRequest(
+                    c = self._shaped(self.corpus_drafter, DraftRequest(
                         v.rid, v.output[-1], budgets[i],
-                        context=_tail(v, self.corpus_drafter.context_tokens))])[0]
+                        context=_tail(v, self.corpus_drafter.context_tokens)), bs)
                     d = self.router.better(d, c, v.rid)
                 out[i] = self._checked(d, budgets[i])
             except Exception:
                 self.fallback("suffix_drafter", [v.rid], f"suffix draft for {v.rid}")
                 budgets[i] = 0
         return out
+
+    def _shaped(self, drafter: Drafter, request: DraftRequest, batch_size: int) -> Draft:
+        """The drafter's draft for one request in the configured shape; under "auto" a chain and
+        a tree, of which the router keeps the one worth more for this request now."""
+        drafts = [drafter.propose([dataclasses.replace(request, shape=shape)])[0]
+                  for shape in self.shapes]
+        if len(drafts) == 1:
+            return drafts[0]
+        return self.router.better_shape(request.rid, drafts, batch_size)
 
     def _owl_drafts(self, views, budgets, suffix) -> list[Optional[Draft]]:
         """OWL trees (one batched call) for the requests whose suffix draft does not suffice (the
@@ -337,20 +352,32 @@ class LongSpecController:
             vr = verify_sampling(list(drafts), logits, temperature=sampling.temperature,
                                  top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p,
                                  uniforms=sampling.uniforms)
-        self.record_verified(rids, drafts, vr.accept_lens.tolist())
+        self.record_verified(rids, drafts, vr.accept_lens.tolist(), vr.path_mask.cpu().numpy())
         return vr
 
-    def record_verified(self, rids, drafts, accepted: Sequence[int]) -> None:
+    def record_verified(self, rids, drafts, accepted: Sequence[int],
+                        paths: Optional[np.ndarray] = None) -> None:
+        """Teach the router and count what each request's verified draft got accepted; `paths`
+        (bool [bs, N], the accepted nodes: VerifyResult.path_mask) tells a tree's side nodes'
+        hits apart from its main path's."""
         c = self.counters
         with_draft = 0
-        for rid, d, a in zip(rids, drafts, accepted):
+        for b, (rid, d, a) in enumerate(zip(rids, drafts, accepted)):
             if not len(d):
                 continue
             with_draft += 1
-            self.router.observe(rid, len(d), int(a), expected=float(d.probs.sum()), source=d.source)
+            side = None
+            if d.shape == "tree":
+                off_main = d.side_mask()
+                hits = int((paths[b, :len(d)] & off_main).sum()) if paths is not None else 0
+                side = (int(off_main.sum()), hits, float(d.probs[off_main].sum()))
+            self.router.observe(rid, len(d), int(a), expected=float(d.probs.sum()), source=d.source,
+                                side=side)
             c.drafted += len(d)
             c.accepted += int(a)
             c.by_source.setdefault(d.source, SourceCounts()).add(len(d), int(a))
+            c.by_shape.setdefault(d.shape, ShapeCounts()).add(len(d), int(a), d.width(),
+                                                               int(d.depths().max()))
         if with_draft >= 2:
             c.batched_verify_steps += 1
         c.max_verify_batch = max(c.max_verify_batch, with_draft)

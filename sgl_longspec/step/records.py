@@ -78,6 +78,30 @@ class SourceCounts:
 
 
 @dataclass
+class ShapeCounts:
+    """Verified drafts of one shape ("chain" or "tree"): how many, their tokens, the tokens
+    accepted, and their summed width (most nodes at one depth) and depth."""
+
+    drafts: int = 0
+    draft_tokens: int = 0
+    accepted: int = 0
+    width_sum: int = 0
+    depth_sum: int = 0
+
+    def add(self, draft_tokens: int, accepted: int, width: int, depth: int) -> None:
+        self.drafts += 1
+        self.draft_tokens += draft_tokens
+        self.accepted += accepted
+        self.width_sum += width
+        self.depth_sum += depth
+
+    def summary(self) -> dict:
+        n = max(self.drafts, 1)
+        return {"drafts": self.drafts, "draft_tokens": self.draft_tokens, "accepted": self.accepted,
+                "mean_width": self.width_sum / n, "mean_depth": self.depth_sum / n}
+
+
+@dataclass
 class Counters:
     drafted: int = 0
     accepted: int = 0
@@ -108,6 +132,8 @@ class Counters:
     last_load: dict = field(default_factory=dict)
     # per draft source ("suffix", "corpus", "owl"): what it drafted and got accepted
     by_source: dict[str, "SourceCounts"] = field(default_factory=dict)
+    # per draft shape ("chain", "tree"), whichever drafter: what was verified and accepted
+    by_shape: dict[str, ShapeCounts] = field(default_factory=dict)
     # per cause ("index", "suffix_drafter", "owl_drafter", "verify", "release"): failures, and
     # the requests they turned to plain decoding
     fallbacks: Counter = field(default_factory=Counter)
@@ -120,6 +146,7 @@ class Counters:
         out = dict(self.__dict__)
         # rows [drafts, draft tokens, accepted] in the stats file, as its readers expect
         out["by_source"] = {src: sc.row() for src, sc in self.by_source.items()}
+        out["by_shape"] = {shape: sc.summary() for shape, sc in self.by_shape.items()}
         out["fallbacks"] = dict(self.fallbacks)
         out["fallback_requests"] = dict(self.fallback_requests)
         return out

@@ -1,4 +1,5 @@
-"""Per-request, per-step choice between a suffix draft, a model (OWL) draft, or no speculation.
+"""Per-request, per-step choice between a suffix draft, a model (OWL) draft, or no speculation, and
+of the draft's shape: a chain, or a tree with siblings.
 
 Why a router: a verify step of n draft tokens costs more than a plain decode step (on this CPU a
 few percent of a step per token; on a GPU little until the batch fills the device), so a draft is
@@ -12,6 +13,11 @@ worth verifying only when its expected accepted length pays for it. The router t
   drafters' probabilities and decides whether drafting is worth calling at all: a request whose
   drafts do not pay for the verify step and the drafter's own time (chat, for instance) stops
   drafting, and tries again once that evidence has faded;
+- the records split a draft's nodes into its main path and its side nodes (Draft.side_mask), so
+  each request's record says how often its siblings are right; a drafter that can draft both
+  shapes offers both, and the router keeps the one with the higher calibrated net value (expected
+  accepted tokens less their verify cost): a request copying a long span gets a chain, one whose
+  next tokens are uncertain a tree, whatever its neighbours in the batch get (`better_shape`);
 - a backoff for requests whose drafts keep failing (plain decoding for a while, doubling up to a
   cap), and a draft-token budget for the whole batch, filled best value first, which the server's
   load (requests waiting for admission, KV headroom: Load, draft_budget) shrinks down to nothing
@@ -32,6 +38,9 @@ from typing import Hashable, Optional, Sequence
 import numpy as np
 
 from sgl_longspec.drafters.draft import Draft
+
+# The record of a drafter's side nodes (off a tree's main path) is f"{source}{SIDE}".
+SIDE = "/side"
 
 
 @dataclass
@@ -223,7 +232,10 @@ class Router:
             return True
         a, b, c = self.cost.params
         token_ms = self.cost.plain_ms_per_token(batch_size)
-        _, hits, count, length = self._state(req_id).calib.get(source, (0.0, 0.0, 0.0, 0.0))
+        calib = self._state(req_id).calib
+        _, hits, count, length = calib.get(source, (0.0, 0.0, 0.0, 0.0))
+        _, side_hits, _, side_length = calib.get(source + SIDE, (0.0, 0.0, 0.0, 0.0))
+        hits, length = hits + side_hits, length + side_length  # per draft, whatever its shape
         m = self.config.calibration_prior
         _, prior_accepted, prior_len = self._prior(source)
         accepted = (hits + m * prior_accepted) / (count + m)
@@ -274,6 +286,32 @@ class Router:
         return b if (b.score * self.calibration(req_id, b.source)
                      > a.score * self.calibration(req_id, a.source)) else a
 
+    def node_calibration(self, req_id: Hashable, d: Draft) -> np.ndarray:
+        """Factor per node of `d` on its path probability: the request's record of the drafter's
+        main-path nodes, or of its side nodes."""
+        k_main = self.calibration(req_id, d.source)
+        if d.shape == "chain":
+            return np.full(len(d), k_main, dtype=np.float32)
+        k_side = self.calibration(req_id, d.source + SIDE)
+        return np.where(d.side_mask(), k_side, k_main).astype(np.float32)
+
+    def better_shape(self, req_id: Hashable, candidates: Sequence[Draft], batch_size: int) -> Draft:
+        """Of one drafter's drafts for one request in different shapes, the one with the highest
+        calibrated net value: the calibrated path probabilities of the nodes that pay for their
+        verify cost, less that cost (break-even probability; 0 without the cost model, so the
+        larger expected accepted length wins). Ties go to the earlier candidate (the chain)."""
+        theta = self.cost.token_threshold(batch_size) if self.config.cost_aware else 0.0
+        best, best_value = Draft.empty(), 0.0
+        for d in candidates:
+            if not len(d):
+                continue
+            q = d.probs * self.node_calibration(req_id, d)
+            _, idx = d.kept(q >= theta)
+            value = float((q[idx] - theta).sum())
+            if not len(best) or value > best_value:
+                best, best_value = d, value
+        return best
+
     def draft_budget(self, batch_size: int, load: Optional[Load] = None) -> int:
         """Draft tokens this step may verify in all, given the load.
 
@@ -307,16 +345,20 @@ class Router:
         theta = self.cost.token_threshold(bs) if cfg.cost_aware else 0.0
         out = [Draft.empty()] * bs
         values = [0.0] * bs
+        calibrated = [None] * bs  # per kept node: its calibrated path probability
         refused = [False] * bs  # a draft that did not pay for itself (not one the budget cut)
         for i, (rid, d) in enumerate(zip(req_ids, drafts)):
             if not len(d):
                 continue
-            k = self.calibration(rid, d.source)
-            d = d.pruned(theta / k) if theta > 0.0 else d
+            q = d.probs * self.node_calibration(rid, d)
+            if theta > 0.0:
+                d, idx = d.kept(q >= theta)
+                q = q[idx]
             d = d.truncated(cfg.max_draft_tokens)
-            expected = k * float(d.probs.sum())
+            q = q[:len(d)]
+            expected = float(q.sum())
             if len(d) and expected >= cfg.min_score:
-                out[i], values[i] = d, expected
+                out[i], values[i], calibrated[i] = d, expected, q
             else:
                 refused[i] = True
                 self.refusals["unprofitable"] += 1
@@ -329,7 +371,7 @@ class Router:
                 continue
             if len(d) > budget:
                 d = out[i] = d.truncated(budget)
-                values[i] = self.calibration(req_ids[i], d.source) * float(d.probs.sum())
+                values[i] = float(calibrated[i][:len(d)].sum())
             budget -= len(d)
         if budget <= 0:
             self.refusals["batch_budget"] += sum(1 for i in order if not len(out[i]))
@@ -359,10 +401,12 @@ class Router:
         return out
 
     def observe(self, req_id: Hashable, drafted: int, accepted: int,
-                expected: Optional[float] = None, source: str = "suffix") -> None:
+                expected: Optional[float] = None, source: str = "suffix",
+                side: Optional[tuple[int, int, float]] = None) -> None:
         """Record a verify outcome (expected = the drafter's uncalibrated expected accepted length of
         the verified draft, the sum of its path probabilities); a draft with nothing accepted
-        doubles the backoff."""
+        doubles the backoff. `side` = (side nodes drafted, of them accepted, their expected) for a
+        tree: they go to the side record, the rest to the main path's."""
         if drafted <= 0:
             return
         st = self._state(req_id)
@@ -370,11 +414,18 @@ class Router:
         st.drafted += drafted
         st.accepted += accepted
         if expected is not None:
-            c = st.calib.setdefault(source, [0.0, 0.0, 0.0, 0.0])  # expected, hits, drafts, tokens
-            g = self._global.setdefault(source, [0.0, 0.0, 0.0, 0.0])
-            for j, x in enumerate((expected, accepted, 1.0, drafted)):
-                c[j] = self.CALIBRATION_DECAY * c[j] + x
-                g[j] = self.GLOBAL_DECAY * g[j] + x
+            records = [(source, (expected, accepted, 1.0, drafted))]
+            if side is not None and side[0] > 0:
+                n_side, hits_side, expected_side = side
+                records = [(source, (expected - expected_side, accepted - hits_side, 1.0,
+                                     drafted - n_side)),
+                           (source + SIDE, (expected_side, hits_side, 1.0, n_side))]
+            for key, values in records:
+                c = st.calib.setdefault(key, [0.0, 0.0, 0.0, 0.0])  # expected, hits, drafts, tokens
+                g = self._global.setdefault(key, [0.0, 0.0, 0.0, 0.0])
+                for j, x in enumerate(values):
+                    c[j] = self.CALIBRATION_DECAY * c[j] + x
+                    g[j] = self.GLOBAL_DECAY * g[j] + x
         if accepted == 0:
             self._back_off(st, source)
         else:
