@@ -65,6 +65,8 @@ CONFIGS: dict[str, list[str]] = {
     # LONGSPEC drafting as usual but verifying nothing (every draft refused by the router): what
     # speculation costs on traffic it cannot help; must be within a few percent of vanilla.
     "longspec-refuse": ["--speculative-algorithm", "LONGSPEC", "--longspec-min-score", "1000"],
+    # The draft's shape chosen per request and step (chain or tree), against the fixed chains above.
+    "longspec-auto": ["--speculative-algorithm", "LONGSPEC", "--longspec-draft-shape", "auto"],
 }
 NEEDS_DRAFTER = {"owl", "hybrid"}
 MODEL_CONTEXT = {DEFAULT_MODEL: 8192, CODER_MODEL: 32768}

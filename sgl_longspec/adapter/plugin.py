@@ -8,7 +8,7 @@ process, so it must be idempotent and cheap. It wires in, through SGLang's publi
 - HookRegistry hooks: the `--longspec-*` flags on SGLang's own argument parser, and the request
   check that turns an out-of-vocabulary token id into a 400 on every server, and SGLang's
   external-corpus endpoints on a LONGSPEC server (`corpus_endpoints`), and the req_to_token row
-  width of a LONGSPEC server (`sglang_algo.register_row_sizing`);
+  width of a LONGSPEC server (`adapter.algorithm.register_row_sizing`);
 - the LONGSPEC speculative algorithm.
 
 An SGLang outside the supported range fails loudly: the error is logged here, and a server asked

@@ -232,7 +232,7 @@ def kv_headroom(batch) -> tuple[int | None, int | None]:
 # logits without temperature when SGLANG_RETURN_ORIGINAL_LOGPROB is set). An all-greedy batch is
 # argmaxed and its logits stay logits. Other paths (the Ascend backend, the RL on-policy
 # deterministic path) leave other things there; deterministic inference batches are left to
-# SGLang's sampler altogether (sglang_worker._batch_needs_engine_sampler).
+# SGLang's sampler altogether (adapter.request_params.batch_needs_engine_sampler).
 
 def sampled_probs(sampler, sampling_info, tensor):
     """The probabilities a non-greedy batch was sampled from, as Sampler.forward left them in

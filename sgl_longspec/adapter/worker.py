@@ -88,7 +88,7 @@ class LongSpecWorker(sglang_compat.name("BaseSpecWorker")):
 
     def _checked_row_width(self, req_to_token_pool) -> int:
         """The req_to_token row width, checked at start-up against what each decode step reserves
-        past a request's committed length (sglang_algo.req_to_token_headroom): a row narrower than
+        past a request's committed length (algorithm.req_to_token_headroom): a row narrower than
         that would crash the scheduler once a request nears the end of the context (issue 34),
         so such a server does not start."""
         from sgl_longspec.adapter.algorithm import req_to_token_headroom
