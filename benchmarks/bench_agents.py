@@ -7,6 +7,9 @@ repository task (add `unique_words` to `textstats.summary` so that the failing u
 Each runs to completion, once against a plain server and once against a LONGSPEC server, both on
 the embedded Qwen2.5-Coder-0.5B-Instruct (float32, greedy) with SGLang's Qwen tool-call parser.
 Each server is started fresh, so LONGSPEC drafts only from what the agent itself sent and produced.
+`--model qwen2.5-coder-1.5b-instruct --agents openai_tool_agent` runs the tool-calling agent on the
+1.5B model (bfloat16): the 0.5B model does not write a whole file inside a JSON tool call (it drops
+the lines above `def`), while it does finish the frontend agent's code-block edit.
 
 Saved: one log per (agent, server) with the agent's own per-turn lines (tokens, tok/s, tau, action),
 results.json, and README.md with a per-turn side-by-side table, whether the agent finished its task
@@ -104,26 +107,28 @@ def main(argv=None) -> int:
     ap.add_argument("--max-turns", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=512)
     ap.add_argument("--startup-timeout", type=float, default=900)
+    ap.add_argument("--model", default=MODEL, help="embedded model name or path (default: %(default)s)")
+    ap.add_argument("--agents", nargs="+", choices=AGENTS, default=list(AGENTS))
     args = ap.parse_args(argv)
     out: Path = args.out
     (out / "logs").mkdir(parents=True, exist_ok=True)
     runs: dict = {cfg: {} for cfg in SERVERS}
     for cfg, extra in SERVERS.items():
-        with R.Server(MODEL, extra + COMMON_ARGS, out / "logs" / f"server-{cfg}.log", R.free_port(),
+        with R.Server(args.model, extra + COMMON_ARGS, out / "logs" / f"server-{cfg}.log", R.free_port(),
                       args.startup_timeout) as srv:
-            for name in AGENTS:
+            for name in args.agents:
                 repo = out / "work" / cfg / name
                 shutil.rmtree(repo, ignore_errors=True)
                 runs[cfg][name] = run_one(name, srv.base_url, repo, args.max_turns, args.max_tokens,
                                           out / f"{name}-{cfg}.log")
     shutil.rmtree(out / "work", ignore_errors=True)  # the toy repositories (the logs show them)
     cmd = "python -m benchmarks.bench_agents " + shlex.join(argv if argv is not None else sys.argv[1:])
-    parts = [f"# Example agents on {MODEL}: plain decoding vs LONGSPEC\n",
+    parts = [f"# Example agents on {args.model}: plain decoding vs LONGSPEC\n",
              f"Command: `{cmd}`\n",
              f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}; machine: {R.machine_desc()}; "
              f"server flags (both): `{shlex.join(COMMON_ARGS)}`, LONGSPEC adds "
-             f"`{shlex.join(SERVERS['longspec'])}`; a fresh server per configuration; greedy, float32.\n"]
-    for name in AGENTS:
+             f"`{shlex.join(SERVERS['longspec'])}`; a fresh server per configuration; greedy.\n"]
+    for name in args.agents:
         p, s = runs["plain"][name], runs["longspec"][name]
         parts.append(f"## {name}\n")
         parts.append(f"Task finished (tests pass afterwards): plain **{'yes' if p['tests_passed'] else 'no'}**, "

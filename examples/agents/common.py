@@ -49,15 +49,15 @@ def word_frequencies(text, top=None):
 ''',
     "textstats/summary.py": '''"""A one-line summary of a text."""
 
-from textstats.counting import count_words, word_frequencies
+from textstats.counting import tokenize, word_frequencies
 
 
 def summarize(text):
     """Return a dict with the word count and the most common word."""
-    words = count_words(text)
+    words = tokenize(text)
     common = word_frequencies(text, top=1)
     return {
-        "words": words,
+        "words": len(words),
         "most_common": common[0][0] if common else None,
     }
 ''',
@@ -82,9 +82,9 @@ if __name__ == "__main__":
 ''',
 }
 
-TASK = ("The test `test_summary_unique_words` in tests/test_textstats.py fails. Edit "
-        "textstats/summary.py so that `summarize` also returns \"unique_words\": the number of "
-        "distinct words. Keep everything else in the file unchanged. Then run the tests.")
+TASK = ('Add a key "unique_words" to the dict that `summarize` in textstats/summary.py returns: '
+        'the number of distinct words of the text. The failing test test_summary_unique_words in '
+        'tests/test_textstats.py checks it. Keep the rest of the file unchanged, then run the tests.')
 
 
 def create_repo(root: Path | None = None) -> Path:
@@ -133,9 +133,12 @@ TOOLS = [
         "name": "read_file", "description": "Read a file of the repository.",
         "parameters": {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}}},
     {"type": "function", "function": {
-        "name": "write_file", "description": "Replace a file of the repository with new content.",
-        "parameters": {"type": "object", "properties": {"path": {"type": "string"},
-                                                        "content": {"type": "string"}},
+        "name": "write_file",
+        "description": "Replace a file of the repository: `content` is the whole new file, every "
+                       "line of it (the unchanged lines too), and the tests run after the write.",
+        "parameters": {"type": "object", "properties": {
+            "path": {"type": "string", "description": "e.g. textstats/summary.py"},
+            "content": {"type": "string", "description": "the complete new text of the file"}},
                        "required": ["path", "content"]}}},
     {"type": "function", "function": {
         "name": "run_tests", "description": "Run the repository's unit tests.",
@@ -149,7 +152,14 @@ def call_tool(root: Path, name: str, arguments: dict) -> str:
     if name == "write_file":
         if not arguments.get("content"):  # a call without the file must not blank it
             return "ERROR: write_file needs `content`: the complete new file"
-        return write_file(root, str(arguments.get("path", "")), str(arguments["content"]))
+        done = write_file(root, str(arguments.get("path", "")), str(arguments["content"]))
+        if done.startswith("ERROR"):
+            return done
+        # Every edit is followed by a test run, as in Aider's --auto-test: the model sees at once
+        # whether its change works (small models rarely think of running the tests themselves).
+        ok, out = run_tests(root)
+        return (f"{done}\nTests after this change: " + ("PASSED. Reply DONE with a short summary."
+                                                        if ok else "FAILED\n" + out))
     if name == "run_tests":
         ok, out = run_tests(root)
         return ("PASSED\n" if ok else "FAILED\n") + out

@@ -16,7 +16,9 @@ parser so that tool calls come back as structured `tool_calls`:
 
 Without `--tool-call-parser` the agent also understands tool calls written in the reply text
 (`<tool_call>{"name": ..., "arguments": ...}</tool_call>` or a bare JSON object). The default
-SmolLM2-135M model runs the loop but does not solve the task.
+SmolLM2-135M model runs the loop but does not solve the task, nor does Qwen2.5-Coder-0.5B (it drops
+the file's first lines inside the JSON tool call); Qwen2.5-Coder-1.5B (`--model-path
+qwen2.5-coder-1.5b-instruct`) finishes it in two turns (benchmarks/results/agents_1.5b).
 """
 
 from __future__ import annotations
@@ -33,6 +35,20 @@ from common import TASK, TOOLS, Stats, call_tool, create_repo, parse_text_tool_c
 SYSTEM = ("You are a coding agent working in a Python repository. Use the tools to read files, "
           "write complete files and run the tests. When the tests pass, reply with a short summary "
           "and no tool call.")
+
+# One worked exchange before the real task (few-shot): small models such as Qwen2.5-Coder-0.5B
+# otherwise call write_file with a placeholder instead of the whole changed file.
+_HELLO = '"""Greetings."""\n\nfrom hello.names import clean\n\n\ndef greet(name):\n    return "Hello " + clean(name)\n'
+EXAMPLE = [
+    {"role": "user", "content": f"hello/greet.py:\n```python\n{_HELLO}```\n\n"
+                                "Task: make greet add a comma and an exclamation mark."},
+    {"role": "assistant", "content": "", "tool_calls": [{"id": "example_1", "type": "function", "function": {
+        "name": "write_file", "arguments": json.dumps({"path": "hello/greet.py", "content": _HELLO.replace(
+            '"Hello " + clean(name)', '"Hello, " + clean(name) + "!"')})}}]},
+    {"role": "tool", "tool_call_id": "example_1",
+     "content": "wrote 107 characters to hello/greet.py\nTests after this change: PASSED. Reply DONE with a short summary."},
+    {"role": "assistant", "content": 'DONE: greet now returns "Hello, <name>!".'},
+]
 
 
 def spec_verify_ct(resp) -> int | None:
@@ -58,23 +74,27 @@ def run_agent(base_url: str, model: str = "default", max_turns: int = 6, max_tok
     client = OpenAI(base_url=base_url.rstrip("/") + "/v1", api_key="EMPTY", timeout=timeout, max_retries=0)
     root = create_repo(repo)
     print(f"repository: {root}", flush=True)
-    # The agent starts the way coding agents usually do: it has already read the file to edit.
-    first = call_tool(root, "read_file", {"path": "textstats/summary.py"})
+    # The agent starts the way coding agents usually do: the file to edit is already in the
+    # context (first), the task follows it.
     messages = [
         {"role": "system", "content": SYSTEM},
-        {"role": "user", "content": TASK},
-        {"role": "assistant", "content": "", "tool_calls": [{
-            "id": "call_0", "type": "function",
-            "function": {"name": "read_file", "arguments": json.dumps({"path": "textstats/summary.py"})}}]},
-        {"role": "tool", "tool_call_id": "call_0", "content": first},
+        *EXAMPLE,
+        {"role": "user", "content": f"textstats/summary.py:\n```python\n"
+                                    f"{call_tool(root, 'read_file', {'path': 'textstats/summary.py'})}```"
+                                    f"\n\nTask: {TASK}"},
     ]
     stats = Stats()
     final = None
+    passed = False
+    seen = [("read_file", {"path": "textstats/summary.py"})]
     for turn in range(1, max_turns + 1):
         t0 = time.perf_counter()
+        # Until the tests pass every turn must be a tool call: `tool_choice="required"` makes SGLang
+        # constrain the reply to the tools' JSON schemas (small models otherwise answer in free
+        # text); once they pass, the model writes its summary with no tool.
         resp = client.chat.completions.create(
             model=model, messages=messages, tools=TOOLS, temperature=0, max_tokens=max_tokens,
-            extra_body={"return_spec_tokens_details": True})
+            tool_choice="none" if passed else "required", extra_body={"return_spec_tokens_details": True})
         dt = time.perf_counter() - t0
         msg = resp.choices[0].message
         n = resp.usage.completion_tokens if resp.usage else 0
@@ -93,7 +113,15 @@ def run_agent(base_url: str, model: str = "default", max_turns: int = 6, max_tok
             {"id": cid, "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}
             for cid, name, args in calls]})
         for cid, name, args in calls:
-            result = call_tool(root, name, args)
+            if (name, args) in seen:  # small models loop; point them at the next step
+                result = (f"You already called {name} with these arguments; its result is above. "
+                          "Take the next step: call write_file with the complete changed file.")
+            else:
+                result = call_tool(root, name, args)
+                if name == "write_file":  # the repository changed: earlier reads and tests are stale
+                    seen.clear()
+                seen.append((name, args))
+            passed = passed or result.startswith("PASSED") or "Tests after this change: PASSED" in result
             messages.append({"role": "tool", "tool_call_id": cid, "content": result})
     ok, out = run_tests(root)
     print(f"tests after the agent: {'PASSED' if ok else 'FAILED'}", flush=True)

@@ -29,12 +29,20 @@ from common import TASK, Stats, call_tool, create_repo, read_file, run_tests  # 
 
 import sglang as sgl  # noqa: E402
 
+# Small models follow a worked example far better than a list of commands (given only the list,
+# Qwen2.5-Coder-0.5B echoes it back); the example uses a file the repository does not have, so
+# that its path is not copied.
 SYSTEM = (
-    "You are a coding agent working in a Python repository. Each reply is exactly one action:\n"
-    "READ <path>  - show a file\n"
-    "WRITE <path> - followed by the complete new file in one ```python code block\n"
-    "TEST         - run the unit tests\n"
-    "DONE <summary> - when the tests pass")
+    "You are a coding agent in a Python repository. You act by replying with exactly one command, "
+    "nothing else.\n\n"
+    "Commands:\n"
+    "- `READ path` shows a file.\n"
+    "- `WRITE path` on the first line, then the complete new content of the file in one ```python "
+    "block. This replaces the file.\n"
+    "- `TEST` runs the unit tests.\n"
+    "- `DONE summary` ends the task once the tests pass.\n\n"
+    "For example, to replace the file hello.py with a new version, reply:\n"
+    "WRITE hello.py\n```python\nprint(\"hello, world\")\n```")
 
 _WRITE_RE = re.compile(r"WRITE\s+(\S+)\s*```(?:python)?\n(.*?)```", re.S)
 
@@ -62,8 +70,9 @@ def parse_action(reply: str) -> tuple[str, dict]:
 def coding_agent(s, root: str, max_turns: int, max_tokens: int, stats: Stats):
     root_p = Path(root)
     s += sgl.system(SYSTEM)
-    s += sgl.user(f"{TASK}\n\nCurrent textstats/summary.py:\n```python\n"
-                  f"{read_file(root_p, 'textstats/summary.py')}```")
+    # The file first, then the task: an instruction after its context is followed better.
+    s += sgl.user(f"textstats/summary.py:\n```python\n{read_file(root_p, 'textstats/summary.py')}```"
+                  f"\n\nTask: {TASK}")
     done_actions: list = []
     for turn in range(1, max_turns + 1):
         name = f"turn{turn}"
