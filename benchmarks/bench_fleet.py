@@ -109,6 +109,74 @@ def run_cell(srv, prompts, warm_ids, max_new: int) -> dict:
             "cached_tokens": [o["meta_info"].get("cached_tokens") for o, _ in results]}
 
 
+CONFIG_LABELS = {"vanilla": "vanilla", "longspec-no-cascade": "LONGSPEC, no shared level",
+                 "longspec": "LONGSPEC"}
+
+
+def report(results: dict, cmd: str, max_new: int) -> str:
+    lines = ["# Agent fleet over one repository: vanilla vs LONGSPEC without / with the shared level\n",
+             f"Command: `{cmd}`\n",
+             f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}; machine: {R.machine_desc()}; "
+             f"model {R.DEFAULT_MODEL}, float32, greedy, {max_new} new tokens per request; "
+             f"server flags (all): `{shlex.join(COMMON_ARGS)}`.\n",
+             "| cell | shared tokens | vanilla tok/s | no-cascade tok/s (x vanilla) | LONGSPEC tok/s "
+             "(x vanilla, x no-cascade) | tau | mean TPOT ms (vanilla / no-cascade / LONGSPEC) "
+             "| shared-level groups (decode/verify/extend) | identical to vanilla |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def x(a, b):
+        return f"{a['throughput'] / b['throughput']:.2f}x" if a and b else "-"
+
+    for key, row in results.items():
+        v, nc, ls = (row.get(c) for c in ("vanilla", "longspec-no-cascade", "longspec"))
+        same = [c for c in ("longspec-no-cascade", "longspec") if row.get(c) and v]
+        ident = ", ".join(f"{sum(a == b for a, b in zip(row[c]['texts'], v['texts']))}/"
+                          f"{len(v['texts'])}" for c in same) or "-"
+        shared = next(iter(row.values()))["shared_tokens"]
+        tpot = " / ".join(f"{c['mean_tpot_ms']:.0f}" if c else "-" for c in (v, nc, ls))
+        casc = (ls or {}).get("cascade", {})
+        groups = "/".join(str(casc.get(f"cascade_{m}_groups", 0)) for m in ("decode", "verify", "extend"))
+        lines.append(f"| {key} | {shared} | " + (f"{v['throughput']:.1f} | " if v else "- | ")
+                     + (f"{nc['throughput']:.1f} ({x(nc, v)}) | " if nc else "- | ")
+                     + (f"{ls['throughput']:.1f} ({x(ls, v)}, {x(ls, nc)}) | {ls['tau'] or 0:.2f} | "
+                        if ls else "- | - | ")
+                     + f"{tpot} | {groups if ls else '-'} | {ident} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    """Output tok/s against fleet size, one panel per shared-prefix length, one line per config."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_shared: dict[int, dict[int, dict]] = {}
+    for key, row in results.items():
+        s, n = (int(part[1:]) for part in key.split("/"))
+        by_shared.setdefault(s, {})[n] = row
+    fig, axes = plt.subplots(1, len(by_shared), figsize=(4 * len(by_shared), 3.4), squeeze=False)
+    for ax, (s, cells) in zip(axes[0], sorted(by_shared.items())):
+        fleets = sorted(cells)
+        for cfg, label in CONFIG_LABELS.items():
+            pts = [(n, cells[n][cfg]["throughput"]) for n in fleets if cfg in cells[n]]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=label)
+        ax.set_title(f"shared prefix {s} tokens")
+        ax.set_xlabel("fleet size (concurrent requests)")
+        ax.set_xticks(fleets)
+    axes[0][0].set_ylabel("output tok/s")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def save(out: Path, results: dict, cmd: str, max_new: int) -> None:
+    """Written after every cell, so that a run cut short keeps what it measured."""
+    (out / "results.json").write_text(json.dumps({"command": cmd, "results": results}, indent=1))
+    (out / "README.md").write_text(report(results, cmd, max_new))
+    plot(results, out / "fleet.png")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shared", type=int, nargs="+", default=[2048, 4096, 7168])
@@ -126,6 +194,7 @@ def main(argv=None) -> int:
     tok = W.load_tokenizer(str(folder))
     cells = {(s, n): requests_for(tok, s, n) for s in args.shared for n in args.fleet}
     results: dict = {}
+    cmd = "python -m benchmarks.bench_fleet " + shlex.join(argv if argv is not None else sys.argv[1:])
     for cfg in args.configs:
         flags, env = CONFIGS[cfg]
         stats = out / "logs" / f"stats-{cfg}.json"
@@ -145,37 +214,14 @@ def main(argv=None) -> int:
                     results.setdefault(f"S{s}/N{n}", {})[cfg] = cell
                     print(f"{cfg} S={s} N={n}: {cell['throughput']:.1f} tok/s, tau {cell['tau']}, "
                           f"shared {len(common)}, cascade {cell['cascade']}", flush=True)
+                    save(out, results, cmd, args.max_new_tokens)
         finally:
             for k, v in saved.items():
                 if v is None:
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
-    cmd = "python -m benchmarks.bench_fleet " + shlex.join(argv if argv is not None else sys.argv[1:])
-    lines = ["# Agent fleet over one repository: vanilla vs LONGSPEC without / with the shared level\n",
-             f"Command: `{cmd}`\n",
-             f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}; machine: {R.machine_desc()}; "
-             f"model {R.DEFAULT_MODEL}, float32, greedy, {args.max_new_tokens} new tokens per request; "
-             f"server flags (all): `{shlex.join(COMMON_ARGS)}`.\n",
-             "| cell | shared tokens | vanilla tok/s | no-cascade tok/s (x vanilla) | LONGSPEC tok/s "
-             "(x vanilla, x no-cascade) | tau | identical to vanilla |", "|---|---|---|---|---|---|---|"]
-    for key, row in results.items():
-        v, nc, ls = (row.get(c) for c in ("vanilla", "longspec-no-cascade", "longspec"))
-
-        def x(a, b):
-            return f"{a['throughput'] / b['throughput']:.2f}x" if a and b else "-"
-
-        same = [c for c in ("longspec-no-cascade", "longspec") if row.get(c) and v]
-        ident = ", ".join(f"{sum(a == b for a, b in zip(row[c]['texts'], v['texts']))}/"
-                          f"{len(v['texts'])}" for c in same) or "-"
-        shared = next(iter(row.values()))["shared_tokens"]
-        lines.append(f"| {key} | {shared} | {v['throughput']:.1f} | " if v else f"| {key} | {shared} | - | ")
-        lines[-1] += (f"{nc['throughput']:.1f} ({x(nc, v)}) | " if nc else "- | ")
-        lines[-1] += (f"{ls['throughput']:.1f} ({x(ls, v)}, {x(ls, nc)}) | {ls['tau'] or 0:.2f} | "
-                      if ls else "- | - | ") + f"{ident} |"
-    (out / "results.json").write_text(json.dumps({"command": cmd, "results": results}, indent=1))
-    (out / "README.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print(report(results, cmd, args.max_new_tokens))
     return 0
 
 

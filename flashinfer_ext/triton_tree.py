@@ -27,6 +27,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from flashinfer_ext.kernel_config import cuda_launch_config
+
 __all__ = [
     "ragged_attention_with_lse",
     "tree_attention_with_lse",
@@ -212,6 +214,11 @@ def ragged_attention_with_lse(q: Tensor, k_cache: Tensor, v_cache: Tensor, qo_in
     if dk != d or v_cache.shape != k_cache.shape or hq % hkv:
         raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k_cache.shape)}, "
                          f"v {tuple(v_cache.shape)}")
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        # The interpreter runs tl.dot on bf16 through numpy, which has no bf16: it returned
+        # wrong numbers without an error. Refused rather than silently wrong.
+        raise ValueError("the Triton interpreter (CPU tensors) does not compute bfloat16 "
+                         "correctly; use float16 or float32 on CPU, or a CUDA device")
     if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         raise ValueError(f"q/k/v dtypes must match, got {q.dtype}/{k_cache.dtype}/{v_cache.dtype}")
     if sm_scale is None:
@@ -233,8 +240,14 @@ def ragged_attention_with_lse(q: Tensor, k_cache: Tensor, v_cache: Tensor, qo_in
         raise ValueError("k_cache/v_cache must be contiguous in the head dimension")
 
     rows = max_qo_len * group
-    bm = block_m or (16 if rows <= 16 else 32 if rows <= 32 else 64)
-    bn = block_n or max(16, min(64, _next_pow2(max_kv_len)))
+    if dev.type == "cuda":
+        # blocks and warps that compile for sm_90a without spills (flashinfer_ext.kernel_config)
+        cfg = cuda_launch_config(q.dtype, d, rows)
+        bm, bn = block_m or cfg.block_m, block_n or cfg.block_n
+        num_warps, num_stages = num_warps or cfg.num_warps, num_stages or cfg.num_stages
+    else:
+        bm = block_m or (16 if rows <= 16 else 32 if rows <= 32 else 64)
+        bn = block_n or max(16, min(64, _next_pow2(max_kv_len)))
     bd = max(16, _next_pow2(d))
     m_blocks = max(1, -(-rows // bm))
     num_splits = max(1, int(num_splits))
@@ -265,7 +278,7 @@ def ragged_attention_with_lse(q: Tensor, k_cache: Tensor, v_cache: Tensor, qo_in
                   LSE_BASE2=bool(lse_base2 and num_splits == 1),
                   IEEE_FP32=(q.dtype == torch.float32))
     if dev.type == "cuda":
-        launch.update(num_warps=num_warps or 4, num_stages=num_stages or 2)
+        launch.update(num_warps=num_warps, num_stages=num_stages)
     _kernel(dev.type)[grid](
         q, k_cache, v_cache, o_buf, l_buf,
         qo_indptr, kv_indptr, kv_indices, mask_arg, mask_indptr_arg,

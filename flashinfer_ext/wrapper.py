@@ -37,7 +37,7 @@ from torch import Tensor
 
 from flashinfer_ext import reference as ref
 
-__all__ = ["HybridTreeVerifyWrapper", "flashinfer_available"]
+__all__ = ["HybridTreeVerifyWrapper", "flashinfer_available", "host_to_device"]
 
 _LOG2E = 1.4426950408889634
 
@@ -51,6 +51,20 @@ def flashinfer_available() -> bool:
     except Exception:
         return False
     return True
+
+
+def host_to_device(values, device, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """A host list or CPU tensor on `device` without waiting for the device: on CUDA through
+    pinned memory, copied asynchronously on the current stream (a copy from pageable memory
+    would synchronise). The pinned staging buffer is kept alive by PyTorch's host allocator until
+    the copy has run."""
+    t = values if isinstance(values, Tensor) else torch.tensor(values, dtype=dtype)
+    if dtype is not None:
+        t = t.to(dtype)
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type == "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _ints(x) -> list:
@@ -163,10 +177,10 @@ class HybridTreeVerifyWrapper:
         self._planned = True
 
     def _plan_device(self, dev: torch.device) -> None:
-        i32 = dict(dtype=torch.int32, device=dev)
-        self._qo_t = torch.tensor(self._qo, **i32)
-        self._pp_t = torch.tensor(self._pp, **i32)
-        self._mp_t = torch.tensor(self._mp, dtype=torch.int64, device=dev)
+        i32 = torch.int32
+        self._qo_t = host_to_device(self._qo, dev, i32)
+        self._pp_t = host_to_device(self._pp, dev, i32)
+        self._mp_t = host_to_device(self._mp, dev, torch.int64)
         self._prefix_idx32 = self._prefix_idx.to(torch.int32)
         self._tree_idx32 = self._tree_idx.to(torch.int32)
         self._tree_mask_u8 = self._tree_mask.to(torch.bool).view(torch.uint8)
@@ -174,17 +188,17 @@ class HybridTreeVerifyWrapper:
         for i, p in enumerate(_lens(self._pp)):
             if p == 0:
                 empty_rows.extend(range(self._qo[i], self._qo[i + 1]))
-        self._empty_prefix_rows = torch.tensor(empty_rows, dtype=torch.int64, device=dev) if empty_rows else None
+        self._empty_prefix_rows = host_to_device(empty_rows, dev, torch.int64) if empty_rows else None
         if self._shared is not None:
             sh = self._shared
-            sh["qo_t"] = torch.tensor(sh["qo"], **i32)
-            sh["kv_t"] = torch.tensor(sh["kv"], **i32)
+            sh["qo_t"] = host_to_device(sh["qo"], dev, i32)
+            sh["kv_t"] = host_to_device(sh["kv"], dev, i32)
             sh["idx32"] = sh["idx"].to(torch.int32)
             rows = []
             for g, k in enumerate(_lens(sh["kv"])):
                 if k == 0:
                     rows.extend(range(sh["qo"][g], sh["qo"][g + 1]))
-            sh["empty_rows"] = torch.tensor(rows, dtype=torch.int64, device=dev) if rows else None
+            sh["empty_rows"] = host_to_device(rows, dev, torch.int64) if rows else None
         # split-KV plan for the all-Triton path (also the fp32 path of backend='flashinfer')
         from flashinfer_ext.triton_tree import _num_sms, choose_num_splits
 
@@ -212,11 +226,10 @@ class HybridTreeVerifyWrapper:
         levels = []
         if self._shared is not None and self._shared["max_kv"] > 0:
             sh = self._shared
-            levels.append(("shared", sh["qo_t"], sh["kv_t"], sh["idx32"], sh["kv"], sh["empty_rows"]))
+            levels.append(("shared", sh["qo"], sh["kv"], sh["idx32"], sh["empty_rows"]))
         if self.max_prefix > 0:
-            levels.append(("prefix", self._qo_t, self._pp_t, self._prefix_idx32, self._pp,
-                           self._empty_prefix_rows))
-        for name, qo_t, kv_t, idx, kv_host, empty_rows in levels:
+            levels.append(("prefix", self._qo, self._pp, self._prefix_idx32, self._empty_prefix_rows))
+        for name, qo_host, kv_host, idx, empty_rows in levels:
             # one FlashInfer wrapper per level, created once (each holds pinned host buffers) and
             # re-planned every verify step; levels run one after another on the same stream, so
             # they can share the float workspace
@@ -224,9 +237,13 @@ class HybridTreeVerifyWrapper:
             if w is None:
                 w = self._fi_wrappers[name] = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
                     self._workspace, "NHD")
-            # page size 1 over the token pool: a request with no KV has 0 pages and last_page_len 0
-            last = torch.tensor([1 if n > 0 else 0 for n in _lens(kv_host)], dtype=torch.int32, device=dev)
-            w.plan(qo_indptr=qo_t, paged_kv_indptr=kv_t, paged_kv_indices=idx,
+            # Page size 1 over the token pool: a request with no KV has 0 pages and last_page_len
+            # 0. The index pointers and page lengths go in as host tensors: FlashInfer's plan
+            # reads them on the host (a device tensor there is read back, a sync per level).
+            host = dict(dtype=torch.int32)
+            last = torch.tensor([1 if n > 0 else 0 for n in _lens(kv_host)], **host)
+            w.plan(qo_indptr=torch.tensor(qo_host, **host),
+                   paged_kv_indptr=torch.tensor(kv_host, **host), paged_kv_indices=idx,
                    paged_kv_last_page_len=last, num_qo_heads=self.num_qo_heads,
                    num_kv_heads=self.num_kv_heads, head_dim_qk=self.head_dim, page_size=1,
                    causal=False, sm_scale=self.sm_scale, q_data_type=self.q_data_type,

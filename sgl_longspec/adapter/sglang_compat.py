@@ -96,6 +96,7 @@ _NAMES = {
     "FlashInferAttnBackend": "sglang.srt.layers.attention.flashinfer_backend",
     "FlashInferMLAAttnBackend": "sglang.srt.layers.attention.flashinfer_mla_backend",
     "AttentionType": "sglang.srt.layers.radix_attention",
+    "RadixAttention": "sglang.srt.layers.radix_attention",
     "KVWriteLoc": "sglang.srt.mem_cache.memory_pool",
     # The overlap scheduler's future map, for SGLang builds whose algorithm base lacks the factory.
     "FutureMap": "sglang.srt.managers.overlap_utils",

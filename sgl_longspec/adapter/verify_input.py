@@ -29,12 +29,16 @@ def verify_input_cls():
         # Ragged widths: a fixed-shape CUDA graph cannot replay this step.
         cuda_graph_compatible = False
 
-        def __init__(self, layout: VerifyLayout, positions: torch.Tensor, draft_token_num: int):
+        def __init__(self, layout: VerifyLayout, positions: torch.Tensor, draft_token_num: int,
+                     pool_rows: list[int]):
             # SGLang's phase guard (SpecInput.is_verify_input) knows its own algorithms' tags
             # only; NGRAM_VERIFY is the tag of a verify input whose draft tokens have no KV of
             # their own, which is what this is (no backend of SGLang's dispatches on it otherwise).
             super().__init__(SpecInputType.NGRAM_VERIFY)
             self.layout = layout  # the step's ragged trees, read by the attention backends
+            # Each request's req_to_token row, host-side: the GPU plan indexes with them without
+            # reading the batch's device copy back.
+            self.pool_rows = pool_rows
             self.positions = positions
             self.device = positions.device
             self.draft_token = None  # the forward's input_ids are set on the batch

@@ -355,8 +355,8 @@ class LongSpecWorker(sglang_compat.name("BaseSpecWorker")):
         batch.input_ids = torch.tensor(layout.token_ids, dtype=torch.int64, device=self.device)
         batch.out_cache_loc = torch.cat([window[b, : verify_lens[b]] for b in range(bs)])
         positions = torch.tensor(layout.positions, dtype=torch.int64, device=self.device)
-        batch.spec_info = verify_input_cls()(layout=layout, positions=positions,
-                                              draft_token_num=n)
+        batch.spec_info = verify_input_cls()(layout=layout, positions=positions, draft_token_num=n,
+                                              pool_rows=batch.req_pool_indices_cpu.tolist())
         t0 = time.perf_counter()
         with maybe_torch_profile("verify"):
             res = self.target_worker.forward_batch_generation(

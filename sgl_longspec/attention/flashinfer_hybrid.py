@@ -11,8 +11,14 @@ CUDA selects by default; SGLang's own `flashinfer` entry is untouched. `--attent
 flashinfer` keeps the stock backend for LONGSPEC: it verifies the drafts through the dense custom
 mask of LongSpecVerifyInput.generate_attn_arg_prefill (the baseline of the benchmark).
 
+Models the hybrid path cannot serve exactly (sliding windows, soft-capping, FP8 KV, translated
+slot ids, ...: attention/hybrid_support.py) verify through SGLang's dense custom mask instead, with
+one logged reason. A verify step plans once, in init_forward_metadata, from host-side lengths and
+pool rows (no read-back from the device); each layer then only writes its KV and runs.
+
 Not run on CI (no GPU there): the kernels are tested against the reference under the Triton
-interpreter (tests/test_attention_triton.py); this glue needs a GPU session (issue 7).
+interpreter (tests/test_attention_triton.py), their CUDA configurations by the compiler
+(tests/test_kernel_resources.py); this glue needs a GPU session (issue 28).
 """
 
 from __future__ import annotations
@@ -21,30 +27,43 @@ import logging
 
 import torch
 
+from flashinfer_ext.wrapper import host_to_device
 from sgl_longspec.adapter import sglang_compat
-from sgl_longspec.verify.layout import VerifyLayout, indptr
+from sgl_longspec.attention.hybrid_support import attention_layers, hybrid_refusal, hybrid_shape
+from sgl_longspec.verify.layout import VerifyLayout
 
 logger = logging.getLogger("sgl_longspec")
 
 BACKEND_NAME = "longspec_flashinfer"  # its name in SGLang's attention registry
 
 
-def hybrid_verify_plan_args(layout: VerifyLayout, req_pool_indices: list[int],
+def hybrid_verify_plan_args(layout: VerifyLayout, pool_rows: list[int],
                             req_to_token: torch.Tensor) -> dict:
     """The index metadata of HybridTreeVerifyWrapper.plan for one ragged verify batch: each
-    request's committed prefix (paged, no mask) and its verify slots (under its tree mask)."""
+    request's committed prefix (paged, no mask) and its verify slots (under its tree mask).
+
+    Built from host-side lengths and rows without reading anything back from the device: the
+    index pointers stay host lists (FlashInfer's plan wants them on the host), the slot ids are
+    slices of req_to_token gathered on its device, the masks go up through pinned memory."""
     dev = req_to_token.device
-    tree = layout.tree_slots(req_to_token, req_pool_indices)
-    prefix = [req_to_token[r, :s] for r, s in zip(req_pool_indices, layout.prefix_lens)]
+    tree = layout.tree_slots(req_to_token, pool_rows)
+    prefix = [req_to_token[r, :s] for r, s in zip(pool_rows, layout.prefix_lens)]
     empty = torch.zeros(0, dtype=torch.int32, device=dev)
     return dict(
-        qo_indptr=layout.qo_indptr(dev),
-        prefix_kv_indptr=indptr(layout.prefix_lens, dev),
+        qo_indptr=running_sum(layout.q_lens),
+        prefix_kv_indptr=running_sum(layout.prefix_lens),
         prefix_kv_indices=torch.cat(prefix).to(torch.int32) if prefix else empty,
         tree_kv_indices=torch.cat(tree).to(torch.int32) if tree else empty,
-        tree_mask_flat=layout.flat_tree_mask(dev),
-        tree_mask_indptr=indptr([q * q for q in layout.q_lens], dev),
+        tree_mask_flat=host_to_device(layout.flat_tree_mask(), dev),
+        tree_mask_indptr=running_sum([q * q for q in layout.q_lens]),
     )
+
+
+def running_sum(lengths) -> list[int]:
+    out = [0]
+    for n in lengths:
+        out.append(out[-1] + int(n))
+    return out
 
 
 def create_backend(runner):
@@ -64,44 +83,48 @@ def _backend_class():
     class LongSpecFlashInferAttnBackend(FlashInferAttnBackend):
         def __init__(self, model_runner, **kw):
             super().__init__(model_runner, **kw)
-            self._hybrid = HybridTreeVerifyWrapper(device=model_runner.device)
-            self._hybrid_args = None  # plan metadata of the current LONGSPEC verify step
-            self._hybrid_key = None  # (heads, kv heads, dim, scale, dtype) it was planned for
+            layers = attention_layers(model_runner.model)
+            self.hybrid_refusal = hybrid_refusal(model_runner, layers)
+            self._hybrid = self._shape = None
+            if self.hybrid_refusal is not None:
+                logger.warning("%s: LONGSPEC verifies through FlashInfer's dense custom mask, not "
+                               "the hybrid path, for this model: %s", BACKEND_NAME,
+                               self.hybrid_refusal)
+            else:
+                self._shape = hybrid_shape(model_runner, layers)
+                # SGLang's FlashInfer workspace (sized before the KV pool), not a second one: a
+                # hybrid verify step runs none of SGLang's own wrappers.
+                self._hybrid = HybridTreeVerifyWrapper(self.workspace_buffer,
+                                                       device=model_runner.device)
+            self._hybrid_planned = False  # whether the current forward takes the hybrid path
 
         def init_forward_metadata(self, forward_batch):
             spec = forward_batch.spec_info
-            if (forward_batch.forward_mode.is_target_verify()
-                    and isinstance(getattr(spec, "layout", None), VerifyLayout)
-                    and not self.use_sliding_window_kv_pool):
-                self._hybrid_args = hybrid_verify_plan_args(
-                    spec.layout, forward_batch.req_pool_indices.tolist(),
-                    self.req_to_token_pool.req_to_token)
-                self._hybrid_key = None
+            if (self._hybrid is not None and forward_batch.forward_mode.is_target_verify()
+                    and isinstance(getattr(spec, "layout", None), VerifyLayout)):
+                m = self._shape
+                self._hybrid.plan(
+                    **hybrid_verify_plan_args(spec.layout, spec.pool_rows,
+                                              self.req_to_token_pool.req_to_token),
+                    num_qo_heads=m.num_qo_heads, num_kv_heads=m.num_kv_heads,
+                    head_dim=m.head_dim, sm_scale=m.sm_scale, q_data_type=m.q_dtype,
+                    kv_data_type=m.kv_dtype)
+                self._hybrid_planned = True
                 return
-            self._hybrid_args = None
+            self._hybrid_planned = False
             super().init_forward_metadata(forward_batch)
 
         def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
-            if self._hybrid_args is None:
+            if not self._hybrid_planned:
                 return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
-            if layer.logit_cap or layer.is_cross_attention:
-                raise NotImplementedError(f"{BACKEND_NAME}: logit soft-capping / cross-attention "
-                                          "layers are not supported in the hybrid verify path")
             if save_kv_cache and k is not None and v is not None:
                 self.token_to_kv_pool.set_kv_buffer(
                     layer, KVWriteLoc.for_layer(forward_batch, layer, swa_loc=None), k, v)
-            hq, hkv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
-            key = (hq, hkv, d, float(layer.scaling), q.dtype)
-            if key != self._hybrid_key:  # once per step (all layers share the key in practice)
-                kv_dtype = self.token_to_kv_pool.get_key_buffer(layer.layer_id).dtype
-                self._hybrid.plan(**self._hybrid_args, num_qo_heads=hq, num_kv_heads=hkv,
-                                  head_dim=d, sm_scale=layer.scaling, q_data_type=q.dtype,
-                                  kv_data_type=kv_dtype)
-                self._hybrid_key = key
+            m = self._shape
             out = self._hybrid.run(
-                q.reshape(-1, hq, d),
+                q.reshape(-1, m.num_qo_heads, m.head_dim),
                 (self.token_to_kv_pool.get_key_buffer(layer.layer_id),
                  self.token_to_kv_pool.get_value_buffer(layer.layer_id)))
-            return out.reshape(-1, hq * layer.v_head_dim)
+            return out.reshape(-1, m.num_qo_heads * m.v_head_dim)
 
     return LongSpecFlashInferAttnBackend
