@@ -60,7 +60,7 @@ def no_config_env(monkeypatch):
 def fake_args(**kw):
     base = dict(speculative_draft_model_path=None, speculative_num_draft_tokens=None,
                 device="cpu", attention_backend=None, disable_overlap_schedule=False,
-                enable_mixed_chunk=False)
+                enable_mixed_chunk=False, cuda_graph_config=None)
     base.update(kw)
     return types.SimpleNamespace(**base)
 

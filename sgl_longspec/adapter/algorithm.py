@@ -86,17 +86,40 @@ def configure_server_args(server_args) -> None:
     if from_draft_flag:
         cfg.to_env()
     device = str(server_args.device or "cuda")
-    backend = select_backend("cpu" if device == "cpu" else "cuda", server_args.attention_backend)
+    # The user's choice, not the default SGLang resolved before this hook (fa3 on an H100, say):
+    # a LONGSPEC server picks its own backend unless told otherwise.
+    asked = sglang_compat.user_value(server_args, "attention_backend")
+    backend = select_backend("cpu" if device == "cpu" else "cuda", asked)
     if backend != server_args.attention_backend:
-        logger.info("LONGSPEC: attention backend %s (asked: %s)", backend,
-                    server_args.attention_backend)
+        logger.info("LONGSPEC: attention backend %s (asked: %s, SGLang's default: %s)", backend,
+                    asked, server_args.attention_backend)
     server_args.attention_backend = backend
+    if device != "cpu":
+        _eager_decode_on_cuda(server_args)
     # Recorded before LONGSPEC forces the synchronous schedule: plain decoding on these flags
     # (the reference a LONGSPEC request must match) penalises by its own schedule's rule.
     os.environ[PLAIN_OVERLAP_ENV] = "0" if server_args.disable_overlap_schedule else "1"
     if not SUPPORTS_OVERLAP and not server_args.disable_overlap_schedule:
         server_args.disable_overlap_schedule = True
     server_args.enable_mixed_chunk = False
+
+
+def _eager_decode_on_cuda(server_args) -> None:
+    """Decode steps run without CUDA graphs on a LONGSPEC server (issue 28). SGLang captures a
+    speculative algorithm's decode graphs as fixed-width TARGET_VERIFY steps with the
+    algorithm's verify input, which a LONGSPEC step is not: its verify widths are ragged and its
+    steps that verify nothing are plain one-token DECODE steps, which those graphs would replay
+    wrongly. Until LONGSPEC captures graphs of its own (plain decode graphs for the steps that
+    draft nothing), decode runs eagerly; prefill graphs are SGLang's and stay."""
+    graphs = server_args.cuda_graph_config
+    Phase, Backend = sglang_compat.name("Phase"), sglang_compat.name("Backend")
+    if graphs is None or getattr(graphs, Phase.DECODE).backend == Backend.DISABLED:
+        return
+    server_args.cuda_graph_config = sglang_compat.name("with_phase")(
+        graphs, Phase.DECODE, backend=Backend.DISABLED)
+    logger.warning("LONGSPEC: decode CUDA graphs off (the steps run eagerly): SGLang's graphs for "
+                   "a speculative algorithm replay fixed-width verify steps, and LONGSPEC's are "
+                   "ragged (sgl-longspec issue 28)")
 
 
 # ---- req_to_token rows that hold what each decode step reserves --------------------------------

@@ -109,6 +109,11 @@ _NAMES = {
     # hold them (sgl_longspec.adapter.algorithm.req_to_token_headroom).
     "get_alloc_reserve_per_decode": "sglang.srt.mem_cache.allocation_sizing",
     "get_alloc_page_size": "sglang.srt.mem_cache.allocation_sizing",
+    # CUDA graph phases: a LONGSPEC server on CUDA hands the resolution a copy of the graph
+    # config with its decode phase changed (sgl_longspec.adapter.algorithm).
+    "with_phase": "sglang.srt.model_executor.cuda_graph_config",
+    "Phase": "sglang.srt.model_executor.cuda_graph_config",
+    "Backend": "sglang.srt.model_executor.cuda_graph_config",
     "register_attention_backend": "sglang.srt.layers.attention.attention_registry",
     "ATTENTION_BACKENDS": "sglang.srt.layers.attention.attention_registry",
     "add_attention_backend_choices": "sglang.srt.server_args",
@@ -161,6 +166,16 @@ def add_backend(backend: str, factory) -> None:
         return
     name("register_attention_backend")(backend)(factory)
     name("add_attention_backend_choices")([backend])
+
+
+def user_value(server_args, field: str):
+    """What the user gave for `field`, before SGLang's resolution filled its defaults in (SGLang
+    0.5.23 keeps the input in `_raw_input` and resolves `attention_backend` ahead of the
+    speculative hook); the current value where there is no such record."""
+    raw = getattr(server_args, "_raw_input", None)
+    if isinstance(raw, dict) and field in raw:
+        return raw[field]
+    return getattr(server_args, field)
 
 
 def hook(target: str, fn, kind: str) -> None:
