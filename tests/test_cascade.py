@@ -97,6 +97,56 @@ def test_common_prefix_len(a, b):
     assert common_prefix_len(torch.tensor(a, dtype=torch.int64), torch.tensor(b, dtype=torch.int64)) == _lcp(a, b)
 
 
+# ------------------------------------------------------------------------- groups from radix paths
+def _node_slots(node) -> torch.Tensor:
+    """The KV slots of the radix-cache path ending at `node`, root first (as SGLang reads a
+    match's indices)."""
+    parts = []
+    while node is not None and node.parent is not None:
+        parts.append(node.value.to(torch.int64))
+        node = node.parent
+    return torch.cat(parts[::-1]) if parts else torch.zeros(0, dtype=torch.int64)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batch=_prefix_batches(), min_shared=st.integers(1, 12))
+def test_radix_paths_group_as_the_slots_do(batch, min_shared):
+    """SGLang's own radix cache: each request's prompt inserted as the scheduler does (the
+    matched prefix keeps its slots, the rest gets fresh ones), later prompts splitting earlier
+    nodes; the groups from the tree's paths (host-side, what the GPU plan uses) are exactly the
+    groups from the requests' slot ids."""
+    pytest.importorskip("sglang")
+    from sglang.srt.mem_cache.base_prefix_cache import InsertParams, MatchPrefixParams
+    from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+    from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
+
+    from sgl_longspec.adapter.radix_paths import radix_path
+    from sgl_longspec.attention.cascade import shared_path_groups
+
+    tree = RadixCache(CacheInitParams(disable=False, req_to_token_pool=None,
+                                      token_to_kv_pool_allocator=None, page_size=1))
+    fresh = iter(range(1_000_000, 2_000_000))
+    nodes = []
+    for tokens in batch:
+        if not tokens:
+            nodes.append(None)
+            continue
+        hit = _node_slots(tree.match_prefix(MatchPrefixParams(key=RadixKey(tokens))).last_device_node)
+        value = torch.cat([hit.to(torch.int64),
+                           torch.tensor([next(fresh) for _ in range(len(tokens) - len(hit))],
+                                        dtype=torch.int64)])
+        tree.insert(InsertParams(key=RadixKey(tokens), value=value))
+        m = tree.match_prefix(MatchPrefixParams(key=RadixKey(tokens)))
+        assert m.device_prefix_len == len(tokens)
+        nodes.append(m.last_device_node)
+    # the slots each request's row holds: its path's values, read after every split
+    slots = [_node_slots(n) for n in nodes]
+    assert [len(x) for x in slots] == [len(t) for t in batch]
+    paths = [radix_path(n) for n in nodes]
+    assert [p[-1][1] if p else 0 for p in paths] == [len(t) for t in batch]
+    assert shared_path_groups(paths, min_shared) == shared_prefix_groups(slots, min_shared)
+
+
 # ------------------------------------------------------------------------- the CPU backend, 3 levels
 @pytest.fixture(scope="module")
 def attn():

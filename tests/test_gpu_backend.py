@@ -289,3 +289,34 @@ def test_bfloat16_under_the_triton_interpreter_is_refused():
     ind = torch.tensor([0, 2], dtype=torch.int32)
     with pytest.raises(ValueError, match="does not compute bfloat16"):
         ragged_attention_with_lse(q, k, k, ind, ind, torch.arange(2, dtype=torch.int32))
+
+
+def test_the_shared_level_plan_computes_what_the_two_level_plan_does():
+    """Requests 0, 1 and 3 share their first 30 slots (request 2 does not, and splits the group
+    into two row segments): the plan with the shared level gives the two-level plan's output."""
+    from sgl_longspec.attention.cascade import SharedGroup
+
+    g = torch.Generator().manual_seed(3)
+    perm = torch.randperm(400, generator=g).to(torch.int32)
+    shared, own = perm[:30], perm[30:398].view(4, 92)  # 4 rows of 92 own slots
+    table = torch.stack([torch.cat([shared, own[r]]) if r != 2 else own[r].repeat(2)[:122]
+                         for r in range(4)])
+    drafts = [Draft.chain([1, 2]), Draft.empty(), Draft([4, 5, 6], [-1, -1, 1]), Draft.chain([7])]
+    masks = [torch.from_numpy(d.tree_mask(include_root=True)) for d in drafts]
+    layout, rows = VerifyLayout(masks, [35, 40, 10, 31]), [0, 1, 2, 3]
+    group = SharedGroup((0, 1, 3), 30)
+    grouped = hybrid_verify_plan_args(layout, rows, table, [group])
+    assert grouped["shared_qo_indptr"] == [0, 4, 8, 10]
+    assert grouped["shared_kv_indptr"] == [0, 30, 30, 60]
+    assert grouped["prefix_kv_indptr"] == [0, 5, 15, 25, 26]  # each keeps what follows the run
+    plain = hybrid_verify_plan_args(layout, rows, table)
+    hq, hkv, d = 4, 2, 16
+    k = torch.randn(400, hkv, d, generator=g)
+    v = torch.randn(400, hkv, d, generator=g)
+    q = torch.randn(10, hq, d, generator=g)
+    outs = []
+    for args in (plain, grouped):
+        w = W.HybridTreeVerifyWrapper()
+        w.plan(**args, num_qo_heads=hq, num_kv_heads=hkv, head_dim=d, q_data_type=torch.float32)
+        outs.append(w.run(q, (k, v)))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)

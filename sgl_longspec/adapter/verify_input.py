@@ -11,6 +11,7 @@ another algorithm's input is built inside.
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 
@@ -30,7 +31,7 @@ def verify_input_cls():
         cuda_graph_compatible = False
 
         def __init__(self, layout: VerifyLayout, positions: torch.Tensor, draft_token_num: int,
-                     pool_rows: list[int]):
+                     pool_rows: list[int], radix_paths: Optional[list] = None):
             # SGLang's phase guard (SpecInput.is_verify_input) knows its own algorithms' tags
             # only; NGRAM_VERIFY is the tag of a verify input whose draft tokens have no KV of
             # their own, which is what this is (no backend of SGLang's dispatches on it otherwise).
@@ -39,6 +40,9 @@ def verify_input_cls():
             # Each request's req_to_token row, host-side: the GPU plan indexes with them without
             # reading the batch's device copy back.
             self.pool_rows = pool_rows
+            # Where each request's cached prefix sits in the radix cache (adapter.radix_paths),
+            # for the GPU backend's shared level; None where the backend groups by slot ids.
+            self.radix_paths = radix_paths
             self.positions = positions
             self.device = positions.device
             self.draft_token = None  # the forward's input_ids are set on the batch

@@ -31,6 +31,7 @@ from sgl_longspec.adapter import sglang_compat
 from sgl_longspec.config import LongSpecConfig
 from sgl_longspec.adapter.corpus_service import CorpusService
 from sgl_longspec.adapter.loading import load_owl_drafter, load_startup_corpus
+from sgl_longspec.adapter.radix_paths import radix_path
 from sgl_longspec.adapter.observability import (attention_ms, cascade_counts, maybe_torch_profile,
                                                 record_request_steps, write_stats_file)
 from sgl_longspec.adapter.request_params import (batch_needs_engine_sampler, custom_processors,
@@ -355,8 +356,11 @@ class LongSpecWorker(sglang_compat.name("BaseSpecWorker")):
         batch.input_ids = torch.tensor(layout.token_ids, dtype=torch.int64, device=self.device)
         batch.out_cache_loc = torch.cat([window[b, : verify_lens[b]] for b in range(bs)])
         positions = torch.tensor(layout.positions, dtype=torch.int64, device=self.device)
+        # The CPU backend groups radix-shared prefixes by slot ids; a GPU one by the tree's paths.
+        paths = [radix_path(r.last_node) for r in batch.reqs] if str(self.device) != "cpu" else None
         batch.spec_info = verify_input_cls()(layout=layout, positions=positions, draft_token_num=n,
-                                              pool_rows=batch.req_pool_indices_cpu.tolist())
+                                              pool_rows=batch.req_pool_indices_cpu.tolist(),
+                                              radix_paths=paths)
         t0 = time.perf_counter()
         with maybe_torch_profile("verify"):
             res = self.target_worker.forward_batch_generation(

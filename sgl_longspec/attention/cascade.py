@@ -6,13 +6,14 @@ splits into levels merged by log-sum-exp: the group's shared prefix (all query r
 against one copy of its KV: read once per step instead of once per request), each request's own
 remaining prefix, and its new tokens (draft tree or prefill chunk) under their mask.
 
-Engine independent: slot-id tensors in, groups out. Planned once per step on the host.
+Engine independent: slot-id tensors (or radix-cache paths) in, groups out. Planned once per step on
+the host.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Callable, Hashable, Sequence, Union
 
 import torch
 
@@ -62,26 +63,57 @@ def shared_prefix_groups(prefixes: Sequence[torch.Tensor],
                          min_shared: Union[int, MinShared]) -> list[SharedGroup]:
     """Disjoint groups of requests whose slot ids start with the same run of at least
     min_shared slots (a MinShared: what the group's size needs; an int: the same for every size).
+    The slot ids must be readable on the host (the CPU backend's); shared_path_groups groups by
+    radix-cache paths instead, without reading slot ids."""
+    return _groups([p.numel() for p in prefixes],
+                   lambda i: int(prefixes[i][0]),
+                   lambda i, j: common_prefix_len(prefixes[i], prefixes[j]), min_shared)
 
-    Requests are bucketed by their first slot. In a bucket, the first request left is the anchor;
-    of the others, those sharing a run with it are ranked by its length, and the anchor takes the
-    top k that maximise the KV reads saved, k * (the k-th longest shared length), among the k
-    whose group of k + 1 has a run long enough for its size (one short sharer must not shrink a
-    long group's shared level); the rest try again with the next anchor. A request belongs to at
-    most one group; a threshold <= 0 turns grouping off."""
+
+RadixPath = Sequence[tuple[Hashable, int]]  # root-first (node, KV slots from the root to its end)
+
+
+def path_common_len(a: RadixPath, b: RadixPath) -> int:
+    """KV slots two requests share: the length up to their deepest common radix-cache node."""
+    n = 0
+    for (node_a, end_a), (node_b, _) in zip(a, b):
+        if node_a != node_b:
+            break
+        n = end_a
+    return n
+
+
+def shared_path_groups(paths: Sequence[RadixPath],
+                       min_shared: Union[int, MinShared]) -> list[SharedGroup]:
+    """shared_prefix_groups for requests given by the radix-cache paths that hold their cached
+    prefixes: the same groups, computed on the host from the tree alone (a GPU plan reads no slot
+    id back from the device). A request shares exactly the slots of their common path."""
+    return _groups([p[-1][1] if p else 0 for p in paths], lambda i: paths[i][0][0],
+                   lambda i, j: path_common_len(paths[i], paths[j]), min_shared)
+
+
+def _groups(lengths: Sequence[int], first: Callable[[int], Hashable],
+            common: Callable[[int, int], int],
+            min_shared: Union[int, MinShared]) -> list[SharedGroup]:
+    """Requests are bucketed by their first slot (node). In a bucket, the first request left is
+    the anchor; of the others, those sharing a run with it are ranked by its length, and the anchor
+    takes the top k that maximise the KV reads saved, k * (the k-th longest shared length), among
+    the k whose group of k + 1 has a run long enough for its size (one short sharer must not
+    shrink a long group's shared level); the rest try again with the next anchor. A request
+    belongs to at most one group; a threshold <= 0 turns grouping off."""
     need = min_shared if isinstance(min_shared, MinShared) else MinShared.fixed(min_shared)
     floor = need.floor
     if floor <= 0:
         return []
-    buckets: dict[int, list[int]] = {}
-    for i, p in enumerate(prefixes):
-        if p.numel() >= floor:
-            buckets.setdefault(int(p[0]), []).append(i)
+    buckets: dict[Hashable, list[int]] = {}
+    for i, n in enumerate(lengths):
+        if n >= floor:
+            buckets.setdefault(first(i), []).append(i)
     groups = []
     for pool in buckets.values():
         while len(pool) >= 2:
             anchor, others = pool[0], pool[1:]
-            shared = [(common_prefix_len(prefixes[anchor], prefixes[j]), j) for j in others]
+            shared = [(common(anchor, j), j) for j in others]
             sharers = sorted(((n, j) for n, j in shared if n >= floor), key=lambda t: (-t[0], t[1]))
             sizes = [k for k in range(1, len(sharers) + 1) if sharers[k - 1][0] >= need.for_group(k + 1)]
             if sizes:
