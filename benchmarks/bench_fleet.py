@@ -2,9 +2,11 @@
 and repository files (S tokens, radix-cached) and each ask for a different function of them.
 
 Configurations, side by side on the same prompts (a fresh server each, greedy, float32):
-- vanilla: plain SGLang on the CPU (its own attention backend);
+- stock: plain SGLang with its own CPU attention backend (torch_native): what a user runs instead;
+- vanilla: plain SGLang on LONGSPEC's CPU backend (longspec_cpu), whose decode steps also read a
+  shared prefix once per group (the suite's "vanilla");
 - longspec-no-cascade: LONGSPEC with the shared level off (LONGSPEC_CASCADE_MIN_SHARED=0: every
-  request reads the shared prefix itself, as vanilla's backend does);
+  request reads the shared prefix itself, as stock's backend does);
 - longspec: LONGSPEC as shipped (the shared level where the group's shared run is long enough,
   sgl_longspec.attention.cascade.MinShared).
 
@@ -34,9 +36,13 @@ from benchmarks import workloads as W
 
 SYSTEM = ("You are a coding agent working in the repository below. Answer with code only: when "
           "asked for a function, return it exactly as it is in the repository.")
+NO_CASCADE = {"LONGSPEC_CASCADE_MIN_SHARED": "0"}
 CONFIGS = {
+    # what a user runs instead: plain SGLang with its own CPU attention backend
+    "stock": (["--attention-backend", "torch_native"], {}),
+    # plain SGLang on LONGSPEC's CPU backend, whose decode steps read a shared prefix once too
     "vanilla": ([], {}),
-    "longspec-no-cascade": (["--speculative-algorithm", "LONGSPEC"], {"LONGSPEC_CASCADE_MIN_SHARED": "0"}),
+    "longspec-no-cascade": (["--speculative-algorithm", "LONGSPEC"], NO_CASCADE),
     "longspec": (["--speculative-algorithm", "LONGSPEC"], {}),
 }
 COMMON_ARGS = ["--max-total-tokens", "65536", "--max-running-requests", "16",
@@ -109,37 +115,47 @@ def run_cell(srv, prompts, warm_ids, max_new: int) -> dict:
             "cached_tokens": [o["meta_info"].get("cached_tokens") for o, _ in results]}
 
 
-CONFIG_LABELS = {"vanilla": "vanilla", "longspec-no-cascade": "LONGSPEC, no shared level",
-                 "longspec": "LONGSPEC"}
+CONFIG_LABELS = {"stock": "stock SGLang (torch_native)", "vanilla": "plain on longspec_cpu",
+                 "longspec-no-cascade": "LONGSPEC, no shared level", "longspec": "LONGSPEC"}
 
 
 def report(results: dict, cmd: str, max_new: int) -> str:
-    lines = ["# Agent fleet over one repository: vanilla vs LONGSPEC without / with the shared level\n",
+    """One row per cell: each configuration's output tok/s as a multiple of stock SGLang's (and
+    LONGSPEC's of LONGSPEC without the shared level), TPOT, tau, the shared level's groups, and
+    how many outputs equal stock's."""
+    configs = [c for c in CONFIGS if any(c in row for row in results.values())]
+    base = configs[0]
+    lines = ["# Agent fleet over one repository: stock SGLang, plain on longspec_cpu, LONGSPEC "
+             "without / with the shared level\n",
              f"Command: `{cmd}`\n",
              f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}; machine: {R.machine_desc()}; "
              f"model {R.DEFAULT_MODEL}, float32, greedy, {max_new} new tokens per request; "
-             f"server flags (all): `{shlex.join(COMMON_ARGS)}`.\n",
-             "| cell | shared tokens | vanilla tok/s | no-cascade tok/s (x vanilla) | LONGSPEC tok/s "
-             "(x vanilla, x no-cascade) | tau | mean TPOT ms (vanilla / no-cascade / LONGSPEC) "
-             "| shared-level groups (decode/verify/extend) | identical to vanilla |", "|---|---|---|---|---|---|---|---|---|"]
+             f"server flags (all): `{shlex.join(COMMON_ARGS)}`; configurations: "
+             + "; ".join(f"{c}: `{shlex.join(CONFIGS[c][0]) or '(none)'}`"
+                         + (f" with {CONFIGS[c][1]}" if CONFIGS[c][1] else "") for c in configs)
+             + ".\n",
+             f"Output tok/s (x {base}); TPOT in ms; tau = output tokens per verify step; groups = "
+             "the shared level's groups in LONGSPEC's decode / verify / prefill batches; identical = "
+             f"outputs equal to {base}'s.\n",
+             "| cell | shared tokens | " + " | ".join(configs)
+             + " | LONGSPEC x no-shared-level | TPOT (" + " / ".join(configs) + ") | tau | groups "
+             "| identical |", "|---" * (len(configs) + 6) + "|"]
 
     def x(a, b):
         return f"{a['throughput'] / b['throughput']:.2f}x" if a and b else "-"
 
     for key, row in results.items():
-        v, nc, ls = (row.get(c) for c in ("vanilla", "longspec-no-cascade", "longspec"))
-        same = [c for c in ("longspec-no-cascade", "longspec") if row.get(c) and v]
-        ident = ", ".join(f"{sum(a == b for a, b in zip(row[c]['texts'], v['texts']))}/"
-                          f"{len(v['texts'])}" for c in same) or "-"
-        shared = next(iter(row.values()))["shared_tokens"]
-        tpot = " / ".join(f"{c['mean_tpot_ms']:.0f}" if c else "-" for c in (v, nc, ls))
+        b = row.get(base)
+        cells = [f"{row[c]['throughput']:.1f} ({x(row[c], b)})" if c in row else "-" for c in configs]
+        ls, nc = row.get("longspec"), row.get("longspec-no-cascade")
         casc = (ls or {}).get("cascade", {})
         groups = "/".join(str(casc.get(f"cascade_{m}_groups", 0)) for m in ("decode", "verify", "extend"))
-        lines.append(f"| {key} | {shared} | " + (f"{v['throughput']:.1f} | " if v else "- | ")
-                     + (f"{nc['throughput']:.1f} ({x(nc, v)}) | " if nc else "- | ")
-                     + (f"{ls['throughput']:.1f} ({x(ls, v)}, {x(ls, nc)}) | {ls['tau'] or 0:.2f} | "
-                        if ls else "- | - | ")
-                     + f"{tpot} | {groups if ls else '-'} | {ident} |")
+        ident = ", ".join(f"{c} {sum(a == t for a, t in zip(row[c]['texts'], b['texts']))}/"
+                          f"{len(b['texts'])}" for c in configs[1:] if c in row and b)
+        tpot = " / ".join(f"{row[c]['mean_tpot_ms']:.0f}" if c in row else "-" for c in configs)
+        shared = next(iter(row.values()))["shared_tokens"]
+        lines.append(f"| {key} | {shared} | " + " | ".join(cells) + f" | {x(ls, nc)} | {tpot} | "
+                     f"{(ls or {}).get('tau') or 0:.2f} | {groups if ls else '-'} | {ident or '-'} |")
     return "\n".join(lines) + "\n"
 
 
