@@ -18,9 +18,13 @@ pool rows (no read-back from the device); each layer then only writes its KV and
 whose cached prefixes share a radix-cache run of at least GPU_CASCADE_MIN_SHARED slots read it once
 per step (the cascade's shared level, grouped from the tree's paths: attention/cascade.py).
 
-Not run on CI (no GPU there): the kernels are tested against the reference under the Triton
-interpreter (tests/test_attention_triton.py), their CUDA configurations by the compiler
-(tests/test_kernel_resources.py); this glue needs a GPU session (issue 28).
+On CI (no GPU): this class runs on CPU under SGLang's own FlashInferAttnBackend.__init__, KV pool
+and runtime context, its verify steps checked against dense attention
+(tests/test_gpu_backend_glue.py); the wrapper's FlashInfer and Triton branches plan and run on the
+meta device without read-backs (tests/test_gpu_backend.py); the kernels are tested against the
+reference under the Triton interpreter (tests/test_attention_triton.py), their CUDA configurations
+by the compiler (tests/test_kernel_resources.py). Only a GPU shows FlashInfer's and the kernels'
+numbers and timings on CUDA (scripts/gpu_check.sh).
 """
 
 from __future__ import annotations
