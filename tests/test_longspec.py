@@ -26,7 +26,8 @@ LONGSPEC_ARGS = ("--speculative-algorithm", "LONGSPEC", "--speculative-num-draft
                  "--random-seed", "0")
 # For tests that count what speculation did: the cost-aware router decides from measured step
 # times, and on a loaded machine it may rightly refuse every draft (its refusals have their own
-# tests); the shared `longspec` server keeps it on, for identity under the default router.
+# tests). The shared `longspec` server has it off too; identity under the default router has a
+# server of its own (test_default_router_greedy_identical_to_plain).
 FIXED_ROUTER = ("--longspec-cost-aware", "false")
 PLAIN_ARGS = ("--random-seed", "0")
 MAX_NEW = 40
@@ -544,7 +545,7 @@ def stats_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def longspec(server_pool, plain_outputs, stats_path):
-    return server_pool.get(LONGSPEC_ARGS, env={"LONGSPEC_STATS_FILE": str(stats_path)})
+    return server_pool.get(LONGSPEC_ARGS + FIXED_ROUTER, env={"LONGSPEC_STATS_FILE": str(stats_path)})
 
 
 def read_stats(path: Path) -> dict:
@@ -775,6 +776,19 @@ def test_sampling_seed_makes_speculative_sampling_reproducible(longspec):
     others = {tuple(longspec.generate(text=SAMPLING_PROMPT, sampling_params={
         **params, "sampling_seed": s})["output_ids"]) for s in range(6)}
     assert len(others | {tuple(alone["output_ids"])}) > 1
+
+
+@pytest.mark.server
+def test_default_router_greedy_identical_to_plain(server_pool, plain_outputs, tmp_path):
+    """The server as a user starts it (the cost-aware router on) gives plain decoding's outputs
+    and falls back nowhere. How much it speculates depends on the machine's load (the router
+    measures step times), so nothing here counts drafts."""
+    stats_file = tmp_path / "default_router_stats.json"
+    srv = server_pool.get(LONGSPEC_ARGS, env={"LONGSPEC_STATS_FILE": str(stats_file)})
+    spec = greedy(srv, PROMPTS)
+    for i, (a, b) in enumerate(zip(plain_outputs["single"], spec)):
+        assert a["output_ids"] == b["output_ids"], f"prompt {i}: {a['text'][:80]!r} vs {b['text'][:80]!r}"
+    assert not read_stats(stats_file)["fallbacks"]
 
 
 @pytest.mark.server
