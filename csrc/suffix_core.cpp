@@ -7,10 +7,14 @@
 //   * The compressed trie of all such strings is stored: a node stands for the strings along its
 //     edge, which all have the same count. Node strings are read from a reference occurrence
 //     (ref_seq, ref_start); the node's full string is seq[ref_start : ref_start + depth].
-//   * Insertion keeps, for the sequence being appended, the "pending" suffixes: the suffixes that
+//   * Insertion keeps, for each sequence being appended, the "pending" suffixes: the suffixes that
 //     occurred before (count >= 2), which end exactly at a node boundary. Suffixes that are unique
 //     live in "open" leaves whose length grows implicitly with the sequence (Ukkonen's trick), so an
 //     appended token costs O(number of repeated suffixes), not O(D).
+//   * Several sequences may grow at once (live outputs in the global tree). When one sequence's
+//     suffix ends exactly at the current end of another live sequence's open leaf, that leaf stops
+//     growing and becomes one of its owner's pending suffixes (it is now repeated); all shorter
+//     unique suffixes of the owner join in the same append, so its pending list stays contiguous.
 //   * Drafts: from the locus of a matched context suffix p (count c0), a continuation position q
 //     has probability count(p q) / c0. Chain = follow the child of maximal count (ties, request
 //     trees: the continuation whose first occurrence came first; then the smaller token id).
@@ -172,6 +176,10 @@ struct Seq {
   bool used = false;
   bool rescue = false;  // a private copy of one node string, kept while nodes reference it
   i32 refs = 0;         // rescue copies: number of nodes referencing it
+  // Still being appended to (from new_seq until finalize). Several sequences of one tree may be
+  // live at once (the global tree's live outputs); each keeps its own pending loci.
+  bool live = false;
+  std::vector<i32> pend;  // pend[d-1] = node where the repeated suffix of length d ends
 };
 
 struct DraftBuf {
@@ -258,6 +266,8 @@ class Tree {
     q.used = true;
     q.rescue = false;
     q.refs = 0;
+    q.live = true;
+    q.pend.clear();
     num_used_seqs_++;
     return s;
   }
@@ -273,23 +283,23 @@ class Tree {
     children_.reserve(children_.size() + tokens / 2 + 16);
   }
 
-  // Append token t (already stored at seqs_[s].tok[len]) to sequence s, which must be the
-  // sequence currently being inserted (one at a time per tree).
+  // Append token t (already stored at seqs_[s].tok[len]) to the live sequence s.
   void append_next(i32 s) {
     Seq& q = seqs_[s];
+    std::vector<i32>& pend = q.pend;
     const i32 n = q.len;
     const i32 t = q.tok[n];
     q.len = n + 1;
-    const i32 P = i32(pend_.size());
-    for (i32 d = P; d >= 1; --d) prefetch_child(pend_[d - 1], t);
+    const i32 P = i32(pend.size());
+    for (i32 d = P; d >= 1; --d) prefetch_child(pend[d - 1], t);
     children_.prefetch(ROOT, t);
     pend2_.clear();
-    // pend_[d-1] = node where the suffix of length d ends (start n - d), d = 1..P.
+    // pend[d-1] = node where the suffix of length d ends (start n - d), d = 1..P.
     // Longer suffixes may become unique (leaves); once one stays repeated, all shorter do too.
     i32 d = P;
     for (; d >= 1; --d) {
       bool leaf = false;
-      const i32 r = step(pend_[d - 1], d, t, s, n - d, leaf);
+      const i32 r = step(pend[d - 1], d, t, s, n - d, leaf);
       if (leaf) {
         if (removable_) q.ends[n - d] = r;
         continue;
@@ -299,7 +309,7 @@ class Tree {
       pend2_[d] = r;  // new length d + 1
       for (i32 e = d - 1; e >= 1; --e) {
         bool lf = false;
-        const i32 r2 = step(pend_[e - 1], e, t, s, n - e, lf);
+        const i32 r2 = step(pend[e - 1], e, t, s, n - e, lf);
         if (lf) throw std::logic_error("suffix index invariant violated (pending order)");
         pend2_[e] = r2;
       }
@@ -322,7 +332,7 @@ class Tree {
       if (removable_) q.ends[n + 1 - D_] = node;
       pend2_.resize(D_ - 1);
     }
-    pend_.swap(pend2_);
+    pend.swap(pend2_);
   }
 
   // Finish inserting sequence s: record where the pending suffixes end and fix the length of
@@ -331,19 +341,23 @@ class Tree {
     Seq& q = seqs_[s];
     const i32 L = q.len;
     if (removable_) {
-      for (i32 d = 1; d <= i32(pend_.size()); ++d) q.ends[L - d] = pend_[d - 1];
+      for (i32 d = 1; d <= i32(q.pend.size()); ++d) q.ends[L - d] = q.pend[d - 1];
       for (i32 i = 0; i < L; ++i) {
         Node& v = nodes_[q.ends[i]];
         if (v.depth == OPEN) v.depth = std::min(D_, seqs_[v.ref_seq].len - v.ref_start);
       }
     }
-    pend_.clear();
+    std::vector<i32>().swap(q.pend);
+    q.live = false;
   }
 
-  const std::vector<i32>& pending() const { return pend_; }
+  // Pending loci of the live sequence s (pending(s)[d-1]: repeated suffix of length d).
+  const std::vector<i32>& pending(i32 s) const { return seqs_[s].pend; }
+  bool is_live(i32 s) const { return s >= 0 && s < i32(seqs_.size()) && seqs_[s].live; }
 
-  // Remove sequence s (removable trees only).
+  // Remove sequence s (removable trees only); a live one is finalized first (rollback).
   void remove_seq(i32 s) {
+    if (seqs_[s].live) finalize(s);
     Seq& q = seqs_[s];
     visit_.clear();
     for (i32 i = 0; i < q.len; ++i) {
@@ -400,6 +414,27 @@ class Tree {
     Q.used = false;
     free_seqs_.push_back(s);
     num_used_seqs_--;
+    reopen_unique_pending();
+  }
+
+  // After a removal, a live sequence's longest pending suffixes may have lost their other
+  // occurrences (count 1: only the live sequence's own, which ends there, so no children). They
+  // are unique now: each becomes an open leaf of its sequence again. Repeated suffixes are a
+  // prefix of the pending list (by length), so the unique ones are its tail.
+  void reopen_unique_pending() {
+    for (i32 l = 0; l < i32(seqs_.size()); ++l) {
+      Seq& L = seqs_[l];
+      if (!L.live) continue;
+      while (!L.pend.empty() && nodes_[L.pend.back()].count == 1) {
+        const i32 v = L.pend.back();
+        const i32 start = L.len - i32(L.pend.size());
+        L.pend.pop_back();
+        set_ref(v, l, start);
+        nodes_[v].depth = OPEN;
+        L.ends[start] = v;
+        reopened_++;
+      }
+    }
   }
 
   // ---------------------------------------------------------------- queries
@@ -522,14 +557,21 @@ class Tree {
   size_t live_bytes() const {
     size_t b = live_nodes_ * sizeof(Node) + children_.size() * 2 * sizeof(ChildMap::Slot);
     for (const Seq& q : seqs_)
-      if (q.used) b += q.tok.size() * sizeof(i32) + q.ends.size() * sizeof(i32);
-    return b + pend_.size() * sizeof(i32);
+      if (q.used) b += (q.tok.size() + q.ends.size() + q.pend.size()) * sizeof(i32);
+    return b;
+  }
+  // live_bytes without the per-sequence walk, for checks made on every append: nodes, child map
+  // and `tokens` tokens with their suffix ends.
+  size_t structure_bytes(i64 tokens) const {
+    return live_nodes_ * sizeof(Node) + children_.size() * 2 * sizeof(ChildMap::Slot) +
+           size_t(tokens) * 2 * sizeof(i32);
   }
   size_t allocated_bytes() const {
     size_t b = sizeof(*this) + nodes_.capacity() * sizeof(Node) + children_.capacity_bytes() +
                free_nodes_.capacity() * sizeof(i32) + seqs_.capacity() * sizeof(Seq) +
-               (pend_.capacity() + pend2_.capacity()) * sizeof(i32);
-    for (const Seq& q : seqs_) b += (q.tok.capacity() + q.ends.capacity()) * sizeof(i32);
+               pend2_.capacity() * sizeof(i32);
+    for (const Seq& q : seqs_)
+      b += (q.tok.capacity() + q.ends.capacity() + q.pend.capacity()) * sizeof(i32);
     return b;
   }
   size_t num_nodes() const { return live_nodes_; }
@@ -719,6 +761,7 @@ class Tree {
     }
     const i32 cd = eff_depth(c);
     if (cd == dw + 1) {
+      if (nodes_[c].depth == OPEN) adopt_open_leaf(c, cd, s);
       nodes_[c].count += 1;
       // (arrivals are newer than the first occurrence: rec unchanged)
       nodes_[c].depth = cd;  // an open leaf stops growing once a second occurrence ends there
@@ -766,6 +809,26 @@ class Tree {
     return x;
   }
 
+  // Leaf c (depth cd) stops growing because a suffix of sequence s now ends there too. When c
+  // is the unique suffix of another live sequence that ends at that sequence's current end, the
+  // suffix is now repeated: it becomes the owner's pending suffix of length cd (suffixes at the
+  // depth cap are never pending).
+  void adopt_open_leaf(i32 c, i32 cd, i32 s) {
+    const Node& C = nodes_[c];
+    const i32 o = C.ref_seq;
+    if (o == s || !seqs_[o].live || cd >= D_ || seqs_[o].len - C.ref_start != cd) return;
+    std::vector<i32>& op = seqs_[o].pend;
+    if (i32(op.size()) < cd) op.resize(cd, NIL);
+    op[cd - 1] = c;
+    adopted_++;
+  }
+
+ public:
+  i64 adopted() const { return adopted_; }  // leaves adopted as pending suffixes (tests)
+  i64 reopened() const { return reopened_; }  // pending suffixes made open leaves again (tests)
+
+ private:
+
   int D_;
   bool removable_;
   std::vector<Node> nodes_;
@@ -775,7 +838,9 @@ class Tree {
   std::vector<Seq> seqs_;
   std::vector<i32> free_seqs_;
   i32 num_used_seqs_ = 0;
-  std::vector<i32> pend_, pend2_;
+  std::vector<i32> pend2_;  // scratch of append_next
+  i64 adopted_ = 0;
+  i64 reopened_ = 0;
   std::vector<HeapItem> heap_;
   std::vector<i32> visit_;
   std::vector<u64> order_;
@@ -785,6 +850,7 @@ class Tree {
 struct Request {
   std::unique_ptr<Tree> tree;
   i32 prompt_len = 0;
+  i32 live_seq = -1;  // its output's sequence in the global tree while it generates (live outputs)
 };
 
 class Core {
@@ -799,6 +865,16 @@ class Core {
 
   int max_depth() const { return D_; }
   i64 vocab_size() const { return vocab_; }
+
+  // Live outputs: each request's output joins the global tree as it is generated (other requests
+  // draft from it at once), while the global tree's structure stays under `budget_bytes`; past
+  // it, outputs catch up when their request finishes (and the caller evicts).
+  void set_live_outputs(bool on, i64 budget_bytes) {
+    if (budget_bytes < 0) throw std::invalid_argument("budget_bytes must be >= 0");
+    live_ = on;
+    live_budget_ = budget_bytes;
+  }
+  bool live_outputs() const { return live_; }
 
   i32 start_request(py::handle tokens) {
     std::vector<i32> buf;
@@ -823,6 +899,7 @@ class Core {
     const i32 n = i32(q.tok.size());
     // The GIL stays held: the index is not thread-safe, and other threads must not touch it.
     for (i32 k = 0; k < n; ++k) r.tree->append_next(s);
+    r.live_seq = -1;
     num_active_++;
     return h;
   }
@@ -837,6 +914,7 @@ class Core {
     q.tok.insert(q.tok.end(), tmp_.begin(), tmp_.end());
     const i32 n = i32(q.tok.size());
     while (q.len < n) r.tree->append_next(0);
+    if (live_ && global_.structure_bytes(global_tokens_) <= size_t(live_budget_)) share_output(r);
   }
 
   i32 request_len(i32 h) { return req(h).tree->seq(0).len; }
@@ -857,7 +935,17 @@ class Core {
     i32 s = -1;
     const Seq& q = r.tree->seq(0);
     const i32 out_len = q.len - r.prompt_len;
-    if (keep && out_len > 0) {
+    if (r.live_seq >= 0) {  // the output is in the global tree already: complete it or roll back
+      s = r.live_seq;
+      if (keep) {
+        share_output(r);
+        global_.finalize(s);
+      } else {
+        global_tokens_ -= global_.seq(s).len;
+        global_.remove_seq(s);
+        s = -1;
+      }
+    } else if (keep && out_len > 0) {
       s = global_.new_seq();
       Seq& g = global_.seq_mut(s);
       g.tok.assign(q.tok.begin() + r.prompt_len, q.tok.begin() + q.len);
@@ -891,8 +979,9 @@ class Core {
   }
 
   void global_remove(i32 s) {
-    if (!global_.is_response(s))
-      throw std::invalid_argument("unknown global sequence id " + std::to_string(s));
+    if (!global_.is_response(s) || global_.is_live(s))
+      throw std::invalid_argument("unknown global sequence id " + std::to_string(s) +
+                                  " (or the live output of an active request)");
     global_tokens_ -= global_.seq(s).len;
     global_.remove_seq(s);
   }
@@ -908,7 +997,7 @@ class Core {
     Tree& rt = *r.tree;
     // Request tree: the loci of the repeated context suffixes are its pending suffixes.
     {
-      const std::vector<i32>& pend = rt.pending();
+      const std::vector<i32>& pend = rt.pending(0);
       for (i32 m = i32(pend.size()); m >= 1; --m) {
         const i32 v = pend[m - 1];
         consider(rt, v, m, sp, 0, /*self=*/true);
@@ -1011,6 +1100,8 @@ class Core {
   i32 num_active() const { return num_active_; }
   size_t request_nodes(i32 h) { return req(h).tree->num_nodes(); }
   size_t global_nodes() const { return global_.num_nodes(); }
+  i64 global_adopted() const { return global_.adopted(); }
+  i64 global_reopened() const { return global_.reopened(); }
 
   i64 count(i32 h, py::handle pattern) {
     std::vector<i32> buf;
@@ -1025,6 +1116,25 @@ class Core {
   }
 
  private:
+  // Appends the request's output tokens not yet in the global tree to its live sequence.
+  void share_output(Request& r) {
+    const Seq& q = r.tree->seq(0);
+    i32 done = 0;
+    if (r.live_seq >= 0) {
+      done = global_.seq(r.live_seq).len;
+    } else if (q.len > r.prompt_len) {
+      r.live_seq = global_.new_seq();
+    }
+    const i32 out_len = q.len - r.prompt_len;
+    if (r.live_seq < 0 || done >= out_len) return;
+    Seq& g = global_.seq_mut(r.live_seq);
+    g.tok.insert(g.tok.end(), q.tok.begin() + r.prompt_len + done, q.tok.begin() + q.len);
+    g.ends.resize(out_len, NIL);
+    global_.reserve(out_len - done);
+    for (i32 k = done; k < out_len; ++k) global_.append_next(r.live_seq);
+    global_tokens_ += out_len - done;
+  }
+
   Request& req(i32 h) {
     if (h < 0 || h >= i32(reqs_.size()) || !reqs_[h].tree)
       throw std::invalid_argument("unknown request handle " + std::to_string(h));
@@ -1154,6 +1264,8 @@ class Core {
   std::vector<i32> free_handles_;
   i32 num_active_ = 0;
   i64 global_tokens_ = 0;
+  bool live_ = false;
+  i64 live_budget_ = 0;
   std::vector<i32> tmp_;
   std::vector<i32> loci_;
   std::vector<i32> ctx_buf_;  // speculate_context's copy of the context
@@ -1178,6 +1290,8 @@ PYBIND11_MODULE(_suffix_core, m) {
       .def("prompt_len", &lsx::Core::prompt_len)
       .def("request_tokens", &lsx::Core::request_tokens)
       .def("finish_request", &lsx::Core::finish_request)
+      .def("set_live_outputs", &lsx::Core::set_live_outputs)
+      .def_property_readonly("live_outputs", &lsx::Core::live_outputs)
       .def("global_insert", &lsx::Core::global_insert)
       .def("global_remove", &lsx::Core::global_remove)
       .def("speculate", &lsx::Core::speculate)
@@ -1192,6 +1306,8 @@ PYBIND11_MODULE(_suffix_core, m) {
       .def("num_active", &lsx::Core::num_active)
       .def("request_nodes", &lsx::Core::request_nodes)
       .def("global_nodes", &lsx::Core::global_nodes)
+      .def("global_adopted", &lsx::Core::global_adopted)
+      .def("global_reopened", &lsx::Core::global_reopened)
       .def("count", &lsx::Core::count)
       .def("check", &lsx::Core::check);
 }

@@ -29,6 +29,9 @@ class LongSpecConfig:
     draft_shape: str = "chain"
     global_cache_requests: int = 4096  # past outputs kept in the global tree (FIFO)
     global_cache_mb: int = 512  # and the memory they may take
+    # outputs join the global tree while they are generated (other requests draft from them at
+    # once); false: when their request finishes
+    live_outputs: bool = True
     corpus: str = ""  # external corpus indexed at start: files or folders, comma-separated
     corpus_mb: int = 256  # index memory of the external corpus (oldest text evicted first)
     # Router

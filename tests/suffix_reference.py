@@ -147,10 +147,18 @@ def speculate_seqs(trees, context, D, max_spec_tokens, factor, offset, min_prob,
 class ReferenceIndex:
     """Mirror of SuffixIndex's state (request sequences, global outputs) with brute-force drafts."""
 
-    def __init__(self, max_depth: int):
+    def __init__(self, max_depth: int, live_outputs: bool = False):
         self.D = max_depth
+        self.live_outputs = live_outputs  # active requests' outputs are in the global tree too
         self.requests: dict = {}  # req_id -> [tokens, prompt_len]
-        self.global_seqs: dict = {}  # global id -> tokens
+        self.global_seqs: dict = {}  # global id -> tokens (finished outputs)
+
+    def global_view(self) -> list:
+        """The sequences of the global tree: finished outputs, then live ones."""
+        seqs = list(self.global_seqs.values())
+        if self.live_outputs:
+            seqs += [seq[plen:] for seq, plen in self.requests.values() if len(seq) > plen]
+        return seqs
 
     def start(self, req_id, prompt):
         self.requests[req_id] = [list(map(int, prompt)), len(prompt)]
@@ -165,14 +173,14 @@ class ReferenceIndex:
     def count(self, pattern, req_id=None) -> int:
         if not 1 <= len(pattern) <= self.D:
             return 0
-        seqs = list(self.global_seqs.values()) if req_id is None else [self.requests[req_id][0]]
+        seqs = self.global_view() if req_id is None else [self.requests[req_id][0]]
         return count_occurrences(seqs, list(map(int, pattern)))
 
     def speculate(self, req_id, max_spec_tokens, factor, offset, min_prob, use_tree,
                   max_tree_nodes, use_global=True):
         seq = self.requests[req_id][0]
         trees = [(0, [seq])]
-        if use_global and self.global_seqs:
-            trees.append((1, list(self.global_seqs.values())))
+        if use_global and self.global_view():
+            trees.append((1, self.global_view()))
         return speculate_seqs(trees, seq, self.D, max_spec_tokens, factor, offset, min_prob,
                               use_tree, max_tree_nodes)

@@ -147,12 +147,14 @@ def scenarios(draw):
 
 
 @SETTINGS
-@given(scenarios())
-def test_matches_reference(scenario):
+@given(scenarios(), st.booleans())
+def test_matches_reference(scenario, live):
+    """Requests interleaved at random (several outputs grow in the global tree at once when
+    live): every draft, count and tree invariant against the brute-force reference."""
     D, reqs, seed = scenario
     rng = random.Random(seed)
-    idx = SuffixIndex(max_depth=D, max_cached_responses=1000)
-    ref = ReferenceIndex(D)
+    idx = SuffixIndex(max_depth=D, max_cached_responses=1000, live_outputs=live)
+    ref = ReferenceIndex(D, live_outputs=live)
     pending = list(enumerate(reqs))
     active: dict = {}
     while pending or active:
@@ -170,6 +172,8 @@ def test_matches_reference(scenario):
             chunk, active[rid][0] = rest[:k], rest[k:]
             idx.extend(rid, chunk if rng.random() < 0.5 else np.asarray(chunk))
             ref.extend(rid, chunk)
+            if live:
+                idx.check_integrity()
         else:
             idx.check_integrity(rid)
             seq_before = set(idx._cached)
@@ -185,8 +189,7 @@ def test_matches_reference(scenario):
             idx.check_integrity()
         for _ in range(2):  # counts of random patterns (taken from the text, or random)
             tree_req = rng.choice([None] + list(active))
-            seqs = (list(ref.global_seqs.values()) if tree_req is None
-                    else [ref.requests[tree_req][0]])
+            seqs = ref.global_view() if tree_req is None else [ref.requests[tree_req][0]]
             text = rng.choice(seqs) if seqs else []
             if text and rng.random() < 0.8:
                 a = rng.randrange(len(text))
@@ -214,8 +217,9 @@ def test_draft_paths_occur_in_text(scenario, seed):
         for t in out + [None]:
             params = random_params(rng, D)
             d = idx.speculate(rid, **params)
-            check_draft_properties(idx, rid, d, [[seq], global_seqs] if global_seqs else [[seq]],
-                                   params)
+            # the global tree: finished outputs and this request's live output
+            glob = global_seqs + ([seq[len(prompt):]] if len(seq) > len(prompt) else [])
+            check_draft_properties(idx, rid, d, [[seq], glob] if glob else [[seq]], params)
             if t is not None:
                 idx.extend(rid, [t])
                 seq.append(t)
@@ -246,15 +250,16 @@ def tokenize():
         return lambda text: list(text.encode("utf-8"))
 
 
+@pytest.mark.parametrize("live", [False, True])
 @pytest.mark.parametrize("use_tree", [False, True])
-def test_real_tokens_match_reference(tokenize, use_tree):
+def test_real_tokens_match_reference(tokenize, use_tree, live):
     toks = tokenize(_stdlib_text(["textwrap", "string"]))
     other = tokenize(_stdlib_text(["shlex"]))
     assert len(toks) > 3000
     D = 64
     rng = random.Random(7)
-    idx = SuffixIndex(max_depth=D)
-    ref = ReferenceIndex(D)
+    idx = SuffixIndex(max_depth=D, live_outputs=live)
+    ref = ReferenceIndex(D, live_outputs=live)
     # An earlier request whose output (shlex source) is in the global tree.
     idx.start_request("old", other[:50])
     idx.extend("old", other[50:1500])

@@ -2,7 +2,10 @@
 
 One compressed suffix tree per active request (its prompt + the output accepted so far) and one
 global tree over the outputs of finished requests, bounded by a response count and by bytes
-(FIFO or LRU eviction). Every verify step the worker calls ``extend`` with the accepted tokens and
+(FIFO or LRU eviction). With ``live_outputs`` (the default) the outputs of active requests are in
+the global tree too, as they are generated (a request's own output included, as in
+ArcticInference); an aborted request's output is rolled back; past the byte bound, live outputs
+stop growing until their request finishes. Every verify step the worker calls ``extend`` with the accepted tokens and
 ``speculate`` for the next draft; both run in the compiled core ``sgl_longspec._suffix_core``.
 
 Semantics (the brute-force reference in tests/suffix_reference.py implements exactly this):
@@ -70,6 +73,9 @@ class SuffixIndexConfig:
     vocab_size: int | None = None  # token ids must lie in [0, vocab_size); None: [0, 2**31 - 1)
     max_cached_responses: int = 4096  # global tree bound by count; 0 disables the global tree
     max_cache_bytes: int = 512 * 2**20  # global tree bound by (live) bytes
+    # Outputs join the global tree while they are generated (other requests draft from them at
+    # once, as ArcticInference shares them), not when their request finishes.
+    live_outputs: bool = True
     eviction: str = "fifo"  # "fifo" (oldest first) or "lru" (least recently drafted from)
     max_spec_tokens: int = 32
     spec_factor: float = 1.0
@@ -91,6 +97,8 @@ class SuffixIndexConfig:
         _int("max_cache_bytes", 0, 2**62)
         _int("max_spec_tokens", 0, 65536)
         _int("max_tree_nodes", 0, 65536)
+        if not isinstance(self.live_outputs, (bool, np.bool_)):
+            raise ValueError(f"SuffixIndexConfig.live_outputs must be a bool, got {self.live_outputs!r}")
         if self.eviction not in ("fifo", "lru"):
             raise ValueError(f"SuffixIndexConfig.eviction must be 'fifo' or 'lru', got {self.eviction!r}")
         _check_float("spec_factor", self.spec_factor, 0.0, 1e6)
@@ -148,6 +156,8 @@ class SuffixIndex:
         self.config = cfg
         vocab = cfg.vocab_size if cfg.vocab_size is not None else INT32_MAX
         self._core = _suffix_core.Core(int(cfg.max_depth), int(vocab))
+        self._core.set_live_outputs(bool(cfg.live_outputs) and cfg.max_cached_responses > 0,
+                                    int(cfg.max_cache_bytes))
         self._handles: dict[Hashable, int] = {}
         # global sequence id -> request id, oldest (FIFO) / least recently used (LRU) first
         self._cached: OrderedDict[int, Hashable] = OrderedDict()
@@ -256,7 +266,7 @@ class SuffixIndex:
             use_tree = bool(use_tree)
         tok, par, prob, score, match_len, tree, ref_seq = self._core.speculate(
             h, max_spec_tokens, spec_factor, spec_offset, min_token_prob, use_tree,
-            max_tree_nodes, use_global and bool(self._cached))
+            max_tree_nodes, use_global and self._has_global())
         if tree == 1 and self._lru and ref_seq in self._cached:
             self._cached.move_to_end(ref_seq)
         return _make_draft(tok, par, prob, score, match_len)
@@ -290,8 +300,12 @@ class SuffixIndex:
         -1 = no draft. For tests and benchmarks; no LRU bookkeeping."""
         out = self._core.speculate(self._handle(req_id), max_spec_tokens, spec_factor, spec_offset,
                                    min_token_prob, use_tree, max_tree_nodes,
-                                   use_global and bool(self._cached))
+                                   use_global and self._has_global())
         return out[:6]
+
+    def _has_global(self) -> bool:
+        # live outputs are in the global tree before any request has finished
+        return bool(self._cached) or self._core.live_outputs
 
     # ------------------------------------------------------------------ stats
     @property

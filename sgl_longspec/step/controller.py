@@ -54,7 +54,8 @@ def build_suffix_index(cfg: LongSpecConfig) -> SuffixIndex:
     """The per-request and global suffix trees the --longspec-* flags describe."""
     return SuffixIndex(SuffixIndexConfig(
         max_depth=cfg.max_depth, vocab_size=None, max_cached_responses=cfg.global_cache_requests,
-        max_cache_bytes=cfg.global_cache_mb << 20, max_spec_tokens=cfg.max_spec_tokens,
+        max_cache_bytes=cfg.global_cache_mb << 20, live_outputs=cfg.live_outputs,
+        max_spec_tokens=cfg.max_spec_tokens,
         spec_factor=cfg.spec_factor, spec_offset=cfg.spec_offset,
         min_token_prob=cfg.min_token_prob, use_tree=cfg.draft_shape == "tree",
         max_tree_nodes=cfg.max_spec_tokens))
