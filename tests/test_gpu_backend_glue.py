@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -80,10 +81,15 @@ def sglang_runtime(monkeypatch):
                         raising=False)
     monkeypatch.setattr(fb, "BatchPrefillWithPagedKVCacheWrapper", _FlashInferPrefillStandIn,
                         raising=False)
-    args = ServerArgs(model_path=str(ensure_embedded_model()), device="cpu")
-    args.resolve_once()
-    with runtime_context.use_context(runtime_context.create_context(args, role="test")):
-        yield
+    saved_env = dict(os.environ)  # SGLang's resolution sets its defaults in the environment
+    try:
+        args = ServerArgs(model_path=str(ensure_embedded_model()), device="cpu")
+        args.resolve_once()
+        with runtime_context.use_context(runtime_context.create_context(args, role="test")):
+            yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
 
 
 def _model(sliding_window: bool = False):
