@@ -10,8 +10,15 @@ recorded continuation; the step advances by accepted + 1 (the bonus token). tau 
 / steps. The same recording serves every policy, so the comparison is exact and cheap.
 
 Policies: suffix only; OWL only; HOWL(T): the suffix draft when its score >= T, else the OWL tree
-(sgl_longspec.step.router.Router.pick). Workloads: code edit (return a stdlib function with a rename),
-tool-call JSON, ShareGPT chat, long single-turn prompts (1K/2K/4K/8K tokens, 2 each).
+(sgl_longspec.step.router.Router.pick). With shapes (issue 30): each drafter proposes several
+shapes at every position (suffix: a chain and a tree of the same node budget; OWL: a chain and
+trees of width 2 and 3) and a real Router, one record per request fed by the walk's outcomes,
+picks as the LONGSPEC controller does: Router.better_shape per drafter, Router.pick between them,
+Router.plan_batch's pruning, Router.observe with the tree's side nodes. Its step cost model is the
+router's prior (a verify token costs COST_PER_TOKEN of a plain step), so the table also gives
+tau per cost (tokens over the steps' costs, 1 + COST_PER_TOKEN x verified tokens each).
+Workloads: code edit (return a stdlib function with a rename), tool-call JSON, ShareGPT chat, long
+single-turn prompts (1K/2K/4K/8K tokens, 2 each).
 
     .venv/bin/python -m benchmarks.howl_sweep [--new-tokens 96] [--out benchmarks/results/howl]
 """
@@ -26,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from sgl_longspec.drafters.draft import Draft
@@ -38,7 +46,13 @@ from sgl_longspec.step.router import Router, RouterConfig
 from sgl_longspec.drafters.suffix_index import SuffixIndex, SuffixIndexConfig
 
 THRESHOLDS = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+SHAPE_THRESHOLDS = [1.0, 1.5, 2.0]
 MAX_SPEC = 15
+# A verify token's cost relative to a plain decode step: the router's own prior (StepCostModel
+# prior_token_cost), the figure it prices drafts with before it has measured any step.
+COST_PER_TOKEN = 0.05
+# OWL shapes (top_k, max_nodes): a chain, today's tree (width 2), a wider one.
+OWL_SHAPES = {"o1": (1, 8), "o2": (2, 8), "o3": (3, 15)}
 
 
 def prompts(tok, n_per: int, seed: int = 0, long_lengths=(1024, 2048, 4096, 8192),
@@ -83,53 +97,130 @@ def accepted_len(draft: Draft, truth: list[int]) -> int:
     return best
 
 
+def accepted_nodes(draft: Draft, truth: list[int]) -> np.ndarray:
+    """Bool [n]: the nodes on the longest accepted path (what greedy verification keeps)."""
+    depth_ok, best = {-1: 0}, -1
+    for i, (tok, par) in enumerate(zip(draft.token_ids.tolist(), draft.parents.tolist())):
+        d = depth_ok.get(par)
+        if d is None or d >= len(truth) or truth[d] != tok:
+            continue
+        depth_ok[i] = d + 1
+        if best < 0 or d + 1 > depth_ok[best]:
+            best = i
+    on = np.zeros(len(draft), dtype=bool)
+    while best >= 0:
+        on[best] = True
+        best = int(draft.parents[best])
+    return on
+
+
 def replay(rec: dict, prompt: list[int], index: SuffixIndex, drafter, rid: str) -> list[dict]:
-    """Per step (position t), the suffix and OWL drafts' accepted lengths and the suffix score."""
+    """Per step (position t): every shape's draft of each drafter, its accepted length, and the
+    truth (the recorded continuation)."""
     gen = rec["gen"].tolist()
     index.start_request(rid, prompt + gen[:1])
     rows, t = [], 1
     hid = rec["hidden"].float()
     while t < len(gen):
         truth = gen[t:]
-        s = index.speculate(rid, max_spec_tokens=MAX_SPEC, max_tree_nodes=MAX_SPEC)
-        o = drafter.draft_tree(hid[t - 1: t], [gen[t - 1]], top_k=2, max_nodes=8)[0] if drafter else Draft.empty()
-        rows.append({"t": t, "s_score": float(s.score) if len(s) else 0.0,
-                     "s_acc": accepted_len(s, truth) if len(s) else 0, "s_len": len(s),
-                     "o_score": float(o.score) if len(o) else 0.0,
-                     "o_acc": accepted_len(o, truth) if len(o) else 0, "o_len": len(o)})
+        drafts = {"s": index.speculate(rid, max_spec_tokens=MAX_SPEC, max_tree_nodes=MAX_SPEC),
+                  "st": index.speculate(rid, max_spec_tokens=MAX_SPEC, max_tree_nodes=MAX_SPEC,
+                                        use_tree=True)}
+        for name, (k, n) in OWL_SHAPES.items():
+            drafts[name] = (drafter.draft_tree(hid[t - 1: t], [gen[t - 1]], top_k=k, max_nodes=n)[0]
+                            if drafter else Draft.empty())
+        row = {"t": t, "truth": truth[:MAX_SPEC + 1], "drafts": drafts}
+        for name, d in drafts.items():
+            row[f"{name}_score"] = float(d.score) if len(d) else 0.0
+            row[f"{name}_acc"] = accepted_len(d, truth) if len(d) else 0
+            row[f"{name}_len"] = len(d)
+        rows.append(row)
         t += 1  # per-position record; the policies' walks are computed from it
         index.extend(rid, gen[t - 1: t])
     index.finish_request(rid)
     return rows
 
 
-def walk(rows: list[dict], n_gen: int, choose) -> tuple[int, int, int]:
-    """(steps, tokens, drafted tokens) of a policy over one generation's per-position record."""
+def walk(rows: list[dict], n_gen: int, choose) -> tuple[int, int, int, dict]:
+    """(steps, tokens, drafted tokens, verified shapes) of a policy over one generation's
+    per-position record. `choose(row)` returns the name of a recorded draft (or None), or a
+    Draft it made itself (then `choose.observe(draft, accepted nodes)` learns the outcome)."""
     by_t = {r["t"]: r for r in rows}
-    t, steps, drafted = 1, 0, 0
+    t, steps, drafted, shapes = 1, 0, 0, {"chain": 0, "tree": 0, "none": 0}
     while t < n_gen:
         r = by_t[t]
         kind = choose(r)
-        acc = r[f"{kind}_acc"] if kind else 0
-        drafted += r[f"{kind}_len"] if kind else 0
+        if isinstance(kind, Draft):
+            on = accepted_nodes(kind, r["truth"]) if len(kind) else np.zeros(0, dtype=bool)
+            acc, n = int(on.sum()), len(kind)
+            choose.observe(kind, on)
+            shapes[kind.shape if n else "none"] += 1
+        else:
+            acc = r[f"{kind}_acc"] if kind else 0
+            n = r[f"{kind}_len"] if kind else 0
+            shapes[r["drafts"][kind].shape if kind and n else "none"] += 1
+        drafted += n
         t += acc + 1
         steps += 1
-    return steps, n_gen - 1, drafted
+    return steps, n_gen - 1, drafted, shapes
+
+
+class ShapePolicy:
+    """The LONGSPEC controller's choice for one request, replayed: a Router of its own whose step
+    cost model is its prior (COST_PER_TOKEN), fed each step's outcome. The drafters offer the
+    shapes named (default: every recorded shape; FIXED_SHAPES: today's, a suffix chain and OWL's
+    width-2 tree, so that the router's other decisions (calibration, pruning, backoff) are the
+    same in both and the difference is the shape choice)."""
+
+    FIXED_SHAPES = (("s",), ("o2",))
+
+    def __init__(self, threshold: float, suffix_shapes=("s", "st"), owl_shapes=tuple(OWL_SHAPES)):
+        self.suffix_shapes, self.owl_shapes = suffix_shapes, owl_shapes
+        self.router = Router(RouterConfig(howl_threshold=threshold, max_draft_tokens=MAX_SPEC))
+        for tokens in (1, 2, 4, 8, 16, 1, 9, 17):  # a plain step costs 1, a verify token 0.05
+            self.router.observe_step(tokens, 1.0 + COST_PER_TOKEN * tokens, tokens > 1)
+        self.rid = "r"
+
+    def __call__(self, r: dict) -> Draft:
+        d = r["drafts"]
+        wants = {src: self.router.wants_source(self.rid, src, 1, MAX_SPEC) for src in ("suffix", "owl")}
+        suffix = (self.router.better_shape(self.rid, [d[k] for k in self.suffix_shapes], 1)
+                  if wants["suffix"] else Draft.empty())
+        owl = (self.router.better_shape(self.rid, [d[k] for k in self.owl_shapes], 1)
+               if wants["owl"] else Draft.empty())
+        picked = self.router.pick(suffix if len(suffix) else None, owl if len(owl) else None,
+                                  self.rid)
+        return self.router.plan_batch([self.rid], [picked], budget=MAX_SPEC)[0]
+
+    def observe(self, d: Draft, on: np.ndarray) -> None:
+        if not len(d):
+            return
+        side = None
+        if d.shape == "tree":
+            off = d.side_mask()
+            side = (int(off.sum()), int((on & off).sum()), float(d.probs[off].sum()))
+        self.router.observe(self.rid, len(d), int(on.sum()), expected=float(d.probs.sum()),
+                            source=d.source, side=side)
 
 
 def policies() -> dict:
     out = {"suffix": lambda r: "s" if r["s_len"] else None,
-           "owl": lambda r: "o" if r["o_len"] else None}
+           "owl": lambda r: "o2" if r["o2_len"] else None,
+           "suffix-tree": lambda r: "st" if r["st_len"] else None,
+           "owl-w3": lambda r: "o3" if r["o3_len"] else None}
     for th in THRESHOLDS:
         router = Router(RouterConfig(howl_threshold=th))
 
         def pick(r, router=router):
             s = Draft.chain([0] * r["s_len"], score=r["s_score"]) if r["s_len"] else None
-            o = Draft.chain([0] * r["o_len"], score=r["o_score"]) if r["o_len"] else None
+            o = Draft.chain([0] * r["o2_len"], score=r["o2_score"]) if r["o2_len"] else None
             d = router.pick(s, o)
-            return None if not len(d) else ("s" if d is s else "o")
+            return None if not len(d) else ("s" if d is s else "o2")
 
         out[f"howl@{th:g}"] = pick
+    for th in SHAPE_THRESHOLDS:  # a fresh router per generation (one request)
+        out[f"router@{th:g}"] = lambda th=th: ShapePolicy(th, *ShapePolicy.FIXED_SHAPES)
+        out[f"shape@{th:g}"] = lambda th=th: ShapePolicy(th)
     return out
 
 
@@ -166,29 +257,64 @@ def main(argv=None) -> int:
     for wl, recs in groups:
         for name, choose in pols.items():
             steps = tokens = drafted = 0
+            shapes = {"chain": 0, "tree": 0, "none": 0}
             for n_gen, rows in recs:
-                s, tk, dr = walk(rows, n_gen, choose)
+                policy = choose() if name.startswith(("shape@", "router@")) else choose
+                s, tk, dr, sh = walk(rows, n_gen, policy)
                 steps, tokens, drafted = steps + s, tokens + tk, drafted + dr
-            table.setdefault(wl, {})[name] = {"tau": round(tokens / max(steps, 1), 3),
-                                               "drafted_per_step": round(drafted / max(steps, 1), 2)}
-    names = list(pols)
+                shapes = {k: shapes[k] + sh[k] for k in shapes}
+            table.setdefault(wl, {})[name] = {
+                "tau": round(tokens / max(steps, 1), 3),
+                "tau_per_cost": round(tokens / max(steps + COST_PER_TOKEN * drafted, 1e-9), 3),
+                "drafted_per_step": round(drafted / max(steps, 1), 2), "steps_by_shape": shapes}
     md = (f"Command: `python -m benchmarks.howl_sweep {shlex.join(sys.argv[1:] if argv is None else argv)}`\n\n"
-          "tau (tokens per verify step incl. the bonus token), greedy replay of one recording per "
-          f"prompt, {args.new_tokens} new tokens, {args.per_workload} prompt(s) per workload\n\n"
-          "| workload | " + " | ".join(names) + " |\n|---|" + "---|" * len(names) + "\n")
-    for wl, row in table.items():
-        best_single = max(row["suffix"]["tau"], row["owl"]["tau"])
-        md += f"| {wl} | " + " | ".join(
-            f"{row[n]['tau']:.2f}" + (f" ({row[n]['tau'] / best_single:.2f}x)" if n.startswith("howl") else "")
-            for n in names) + " |\n"
-    md += ("\n(x) = HOWL tau over the better single drafter on that workload. `long` pools the "
-           "long[*] prompts; `mixed` pools every prompt.\n")
+          f"Greedy replay of one recording per prompt, {args.new_tokens} new tokens, "
+          f"{args.per_workload} prompt(s) per workload. `long` pools the long[*] prompts; `mixed` "
+          "pools every prompt.\n\n"
+          + markdown_table(table, "tau", "tau (tokens per verify step incl. the bonus token)")
+          + "\n" + markdown_table(table, "tau_per_cost", "tau per cost (tokens over the steps' "
+                                   f"costs: 1 + {COST_PER_TOKEN} x verified draft tokens each)")
+          + "\n" + shape_table(table))
     print(md)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "howl_sweep.md").write_text(md)
     (out / "howl_sweep.json").write_text(json.dumps({"table": table, "seconds": time.time() - t0}, indent=1))
     return 0
+
+
+def markdown_table(table: dict, key: str, title: str) -> str:
+    """One column per policy; (x) = over the better of today's single drafters (suffix chains,
+    OWL width-2 trees) on that workload, and for shape@T also [x] = over router@T (the same
+    router with today's fixed shapes)."""
+    names = list(next(iter(table.values())))
+    md = (f"**{title}**. (x): over the better of suffix / owl; [x] for shape@T: over router@T "
+          "(the same router, today's fixed shapes).\n\n| workload | " + " | ".join(names)
+          + " |\n|---|" + "---|" * len(names) + "\n")
+    for wl, row in table.items():
+        best = max(row["suffix"][key], row["owl"][key])
+        cells = []
+        for n in names:
+            v = row[n][key]
+            cell = f"{v:.2f}"
+            if n.startswith(("howl", "shape", "router")):
+                cell += f" ({v / best:.2f}x)"
+            if n.startswith("shape"):
+                cell += f" [{v / row['router' + n[len('shape'):]][key]:.2f}x]"
+            cells.append(cell)
+        md += f"| {wl} | " + " | ".join(cells) + " |\n"
+    return md
+
+
+def shape_table(table: dict) -> str:
+    """Which shape the shape@T router verified, per workload (steps with a chain / a tree / none)."""
+    names = [n for n in next(iter(table.values())) if n.startswith(("shape@", "router@"))]
+    md = ("**Shapes the router verified** (steps: chain / tree / no draft)\n\n| workload | "
+          + " | ".join(names) + " |\n|---|" + "---|" * len(names) + "\n")
+    for wl, row in table.items():
+        md += f"| {wl} | " + " | ".join(
+            "{chain} / {tree} / {none}".format(**row[n]["steps_by_shape"]) for n in names) + " |\n"
+    return md
 
 
 if __name__ == "__main__":
