@@ -621,6 +621,24 @@ class Tree {
     }
     if (live != live_nodes_) return "live node count mismatch";
     if (edges != children_.size()) return "child map size mismatch";
+    // Each live sequence's pending suffixes: the repeated suffixes of lengths 1..P, each ending
+    // exactly at its node's boundary.
+    for (i32 l = 0; l < i32(seqs_.size()); ++l) {
+      const Seq& L = seqs_[l];
+      if (!L.live) continue;
+      if (i32(L.pend.size()) >= D_ || i32(L.pend.size()) > L.len)
+        return "pending list too long for sequence " + std::to_string(l);
+      for (i32 d = 1; d <= i32(L.pend.size()); ++d) {
+        const i32 v = L.pend[d - 1];
+        if (v == NIL || v <= ROOT || v >= i32(nodes_.size()) || is_free[v])
+          return "bad pending node of sequence " + std::to_string(l);
+        if (nodes_[v].depth == OPEN || eff_depth(v) != d || nodes_[v].count < 2)
+          return "pending suffix not at a repeated node boundary, sequence " + std::to_string(l);
+        for (i32 k = 0; k < d; ++k)
+          if (tok_at(v, k) != L.tok[L.len - d + k])
+            return "pending node's string is not the suffix, sequence " + std::to_string(l);
+      }
+    }
     return "";
   }
 
