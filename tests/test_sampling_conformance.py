@@ -146,8 +146,10 @@ def stats_path(tmp_path_factory) -> Path:
 def longspec(server_pool, plain, stats_path):
     # The cost-aware router off: on an idle machine it may rightly find that verifying sampled
     # drafts does not pay and refuse them, and this module tests the law under verification (the
-    # router's refusals have their own tests).
-    return server_pool.get(LONGSPEC_ARGS + ("--longspec-cost-aware", "false"),
+    # router's refusals have their own tests). The router picks each request's draft shape (a
+    # chain or a tree) every step (issue 30): the law must hold under both.
+    return server_pool.get(LONGSPEC_ARGS + ("--longspec-cost-aware", "false",
+                                            "--longspec-draft-shape", "auto"),
                            env={"LONGSPEC_STATS_FILE": str(stats_path)})
 
 
@@ -158,8 +160,9 @@ def read_stats(path: Path) -> dict:
 @pytest.mark.server
 def test_seeded_sampling_follows_plain_decodings_law(longspec, plain, stats_path):
     """Seeded requests sample from plain decoding's law, the first token included (it used to be
-    drawn from the softmax of probabilities: nearly uniform), while chains of drafts are verified
-    and accepted; unseeded requests too; the control (temperature 0.7 against 1) must fail."""
+    drawn from the softmax of probabilities: nearly uniform), while drafts are verified and
+    accepted, chains and trees as the router chose them per request and step; unseeded requests
+    too; the control (temperature 0.7 against 1) must fail."""
     before = read_stats(stats_path)
     spec, unseeded = seeded_samples(longspec, unseeded_too=True)
     after = read_stats(stats_path)
@@ -181,6 +184,10 @@ def test_seeded_sampling_follows_plain_decodings_law(longspec, plain, stats_path
     assert verified > 0 and drafted / verified >= 2.0, (verified, drafted, after)  # multi-token drafts
     assert after["accepted"] - before["accepted"] >= SAMPLING_N, after  # and accepted ones
     assert after["max_verify_batch"] >= 2 and not after["fallbacks"], after
+    shapes = {shape: after["by_shape"].get(shape, {}).get("drafts", 0)
+              - before["by_shape"].get(shape, {}).get("drafts", 0) for shape in ("chain", "tree")}
+    print(f"verified drafts by shape: {shapes}")
+    assert shapes["chain"] > 0 and shapes["tree"] > 0, shapes  # both shapes were verified
     # A seed reproduces its sample in another batch (here: alone).
     again = longspec.generate(text=SAMPLING_PROMPT,
                               sampling_params={**SAMPLING_PARAMS, "sampling_seed": SEEDS[2]})
