@@ -257,6 +257,16 @@ def run_sessions(base_url: str, tok, sessions: list[W.Session], concurrency: int
     return records, time.perf_counter() - t0
 
 
+def drafts_by_shape(stats_file: Path) -> dict[str, int]:
+    """Verified drafts per shape (chain / tree) so far, from the LONGSPEC server's stats file
+    ({} for other servers, or before its first step)."""
+    try:
+        stats = json.loads(Path(stats_file).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {shape: int(v.get("drafts", 0)) for shape, v in (stats.get("by_shape") or {}).items()}
+
+
 def aggregate(records: list[dict], wall: float) -> dict:
     ok = [r for r in records if "error" not in r]
     n_out = sum(r["completion_tokens"] for r in ok)
@@ -463,9 +473,13 @@ def run_phase(phase: Phase, args, out_dir: Path, results: dict) -> None:
         results["phases"][phase.name]["runs"][cfg] = run
         t_cfg = time.time()
         try:
+            stats_file = out_dir / "logs" / f"{phase.name}-{cfg}-longspec-stats.json"
             if args.base_url:
                 ctx = _External(args.base_url)
             else:
+                # LONGSPEC's own counters (verified drafts per shape...), which the server writes
+                # to this file; the environment reaches the scheduler processes it spawns.
+                os.environ["LONGSPEC_STATS_FILE"] = str(stats_file)
                 ctx = Server(phase.model, server_args, log, args.port or free_port(), args.startup_timeout)
             with ctx as srv:
                 run["startup_s"] = getattr(srv, "startup_s", None)
@@ -476,12 +490,16 @@ def run_phase(phase: Phase, args, out_dir: Path, results: dict) -> None:
                         if (spec.name, conc) not in plan:
                             continue
                         sessions = plan[(spec.name, conc)]
+                        shapes_before = drafts_by_shape(stats_file)
                         recs, wall = run_sessions(srv.base_url, tok, sessions, conc, context_len, bar)
+                        shapes = {k: n - shapes_before.get(k, 0)
+                                  for k, n in drafts_by_shape(stats_file).items()}
                         flush_cache(srv.base_url)
                         for r in recs:
                             r["concurrency"] = conc
                         run["requests"].extend(recs)
                         run["results"][f"{spec.name}@c{conc}"] = aggregate(recs, wall)
+                        run["results"][f"{spec.name}@c{conc}"]["drafts_by_shape"] = shapes
                         if spec.name == "longdoc":
                             for b in sorted({r["label"] for r in recs}, key=lambda x: W.BUCKETS[x]):
                                 sub = [r for r in recs if r["label"] == b]
@@ -500,6 +518,8 @@ def run_phase(phase: Phase, args, out_dir: Path, results: dict) -> None:
             run["error"] = repr(e)[:2000]
             results["notes"].append(f"{phase.name}/{cfg} failed: {e!r}"[:500])
             print(f"[benchmarks.run] {phase.name}/{cfg} FAILED: {e!r}", file=sys.stderr)
+        finally:
+            os.environ.pop("LONGSPEC_STATS_FILE", None)
         run["wall_s"] = time.time() - t_cfg
         _save(results, out_dir)
     _compare(results["phases"][phase.name])
