@@ -6,7 +6,8 @@ between lives here and is tested on a fake batch harness (tests/test_controller.
 
 - the request lifecycle: every drafter observes what each request holds at the start of each
   step (its tokens, and the target hidden state the last step captured for it); a request that
-  left the batch is released (a finished output joins the global tree, an aborted one is dropped);
+  left the batch is released (a finished output stays in the global tree, which holds outputs
+  while they are generated with live outputs on; an aborted one is dropped or rolled back);
 - the drafters, behind one protocol (`Drafter`: name, observe, propose, forget): the suffix index,
   the external corpus and the OWL model drafter;
 - the router's step (`plan_step` -> `StepPlan`): which drafter, how many tokens, or no draft;
@@ -85,7 +86,7 @@ class LongSpecController:
                  router: Optional[Router] = None):
         """window: verify width per request including the root (SGLang's
         --speculative-num-draft-tokens); finished_ok(handle): whether a request that left the
-        batch finished normally (its output then joins the global tree); vocab_size: the
+        batch finished normally (its output then stays in the global tree); vocab_size: the
         target's (grammar masks cover it). The suffix index, the external corpus and the router
         are built from `config` unless given."""
         self.config = config
