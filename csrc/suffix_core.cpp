@@ -555,7 +555,7 @@ class Tree {
 
   // ---------------------------------------------------------------- accounting
   size_t live_bytes() const {
-    size_t b = live_nodes_ * sizeof(Node) + children_.size() * 2 * sizeof(ChildMap::Slot);
+    size_t b = structure_bytes(0);
     for (const Seq& q : seqs_)
       if (q.used) b += (q.tok.size() + q.ends.size() + q.pend.size()) * sizeof(i32);
     return b;
@@ -951,27 +951,13 @@ class Core {
   i32 finish_request(i32 h, bool keep) {
     Request& r = req(h);
     i32 s = -1;
-    const Seq& q = r.tree->seq(0);
-    const i32 out_len = q.len - r.prompt_len;
-    if (r.live_seq >= 0) {  // the output is in the global tree already: complete it or roll back
+    if (keep) {  // the rest of the output (all of it without live outputs) joins the global tree
+      share_output(r);
       s = r.live_seq;
-      if (keep) {
-        share_output(r);
-        global_.finalize(s);
-      } else {
-        global_tokens_ -= global_.seq(s).len;
-        global_.remove_seq(s);
-        s = -1;
-      }
-    } else if (keep && out_len > 0) {
-      s = global_.new_seq();
-      Seq& g = global_.seq_mut(s);
-      g.tok.assign(q.tok.begin() + r.prompt_len, q.tok.begin() + q.len);
-      g.ends.assign(out_len, NIL);
-      global_.reserve(out_len);
-      for (i32 k = 0; k < out_len; ++k) global_.append_next(s);
-      global_.finalize(s);
-      global_tokens_ += out_len;
+      if (s >= 0) global_.finalize(s);
+    } else if (r.live_seq >= 0) {  // roll the live output back
+      global_tokens_ -= global_.seq(r.live_seq).len;
+      global_.remove_seq(r.live_seq);
     }
     r.tree.reset();
     free_handles_.push_back(h);
@@ -985,14 +971,8 @@ class Core {
     read_tokens(tokens, buf, "token_ids");
     if (buf.empty()) throw std::invalid_argument("token_ids must not be empty");
     const i32 s = global_.new_seq();
-    Seq& g = global_.seq_mut(s);
-    const i32 L = i32(buf.size());
-    g.tok = std::move(buf);
-    g.ends.assign(L, NIL);
-    global_.reserve(L);
-    for (i32 k = 0; k < L; ++k) global_.append_next(s);
+    global_append(s, buf.data(), buf.data() + buf.size());
     global_.finalize(s);
-    global_tokens_ += L;
     return s;
   }
 
@@ -1143,14 +1123,20 @@ class Core {
     } else if (q.len > r.prompt_len) {
       r.live_seq = global_.new_seq();
     }
-    const i32 out_len = q.len - r.prompt_len;
-    if (r.live_seq < 0 || done >= out_len) return;
-    Seq& g = global_.seq_mut(r.live_seq);
-    g.tok.insert(g.tok.end(), q.tok.begin() + r.prompt_len + done, q.tok.begin() + q.len);
-    g.ends.resize(out_len, NIL);
-    global_.reserve(out_len - done);
-    for (i32 k = done; k < out_len; ++k) global_.append_next(r.live_seq);
-    global_tokens_ += out_len - done;
+    if (r.live_seq < 0 || done >= q.len - r.prompt_len) return;
+    const i32* out = q.tok.data() + r.prompt_len;
+    global_append(r.live_seq, out + done, q.tok.data() + q.len);
+  }
+
+  // Appends tokens [first, last) to the live global sequence s.
+  void global_append(i32 s, const i32* first, const i32* last) {
+    const i32 k = i32(last - first);
+    Seq& g = global_.seq_mut(s);
+    g.tok.insert(g.tok.end(), first, last);
+    g.ends.resize(g.tok.size(), NIL);
+    global_.reserve(k);
+    for (i32 j = 0; j < k; ++j) global_.append_next(s);
+    global_tokens_ += k;
   }
 
   Request& req(i32 h) {
