@@ -114,6 +114,16 @@ def accepted_nodes(draft: Draft, truth: list[int]) -> np.ndarray:
     return on
 
 
+def position_row(t: int, truth: list[int], drafts: dict[str, Draft]) -> dict:
+    """One position's record: each named draft, with its score, accepted length and size."""
+    row = {"t": t, "truth": truth, "drafts": drafts}
+    for name, d in drafts.items():
+        row[f"{name}_score"] = float(d.score) if len(d) else 0.0
+        row[f"{name}_acc"] = accepted_len(d, truth) if len(d) else 0
+        row[f"{name}_len"] = len(d)
+    return row
+
+
 def replay(rec: dict, prompt: list[int], index: SuffixIndex, drafter, rid: str) -> list[dict]:
     """Per step (position t): every shape's draft of each drafter, its accepted length, and the
     truth (the recorded continuation)."""
@@ -129,12 +139,7 @@ def replay(rec: dict, prompt: list[int], index: SuffixIndex, drafter, rid: str) 
         for name, (k, n) in OWL_SHAPES.items():
             drafts[name] = (drafter.draft_tree(hid[t - 1: t], [gen[t - 1]], top_k=k, max_nodes=n)[0]
                             if drafter else Draft.empty())
-        row = {"t": t, "truth": truth[:MAX_SPEC + 1], "drafts": drafts}
-        for name, d in drafts.items():
-            row[f"{name}_score"] = float(d.score) if len(d) else 0.0
-            row[f"{name}_acc"] = accepted_len(d, truth) if len(d) else 0
-            row[f"{name}_len"] = len(d)
-        rows.append(row)
+        rows.append(position_row(t, truth[:MAX_SPEC + 1], drafts))
         t += 1  # per-position record; the policies' walks are computed from it
         index.extend(rid, gen[t - 1: t])
     index.finish_request(rid)

@@ -36,15 +36,8 @@ def test_accepted_nodes_are_the_longest_matching_path(case):
 def _row(t, chain_tokens, tree, truth):
     chain = Draft.chain(chain_tokens, probs=[0.6] * len(chain_tokens), score=0.6 * len(chain_tokens),
                         source="suffix")
-    drafts = {"s": chain, "st": tree}
-    for name in H.OWL_SHAPES:
-        drafts[name] = Draft.empty()
-    row = {"t": t, "truth": truth, "drafts": drafts}
-    for name, d in drafts.items():
-        row[f"{name}_score"] = float(d.score) if len(d) else 0.0
-        row[f"{name}_acc"] = H.accepted_len(d, truth) if len(d) else 0
-        row[f"{name}_len"] = len(d)
-    return row
+    drafts = {"s": chain, "st": tree, **{name: Draft.empty() for name in H.OWL_SHAPES}}
+    return H.position_row(t, truth, drafts)
 
 
 def test_shape_policy_verifies_trees_where_the_text_branches_and_chains_where_it_copies():
