@@ -435,9 +435,69 @@ def export_agentic_trace(phases: list[Phase], path: Path, seed: int) -> int:
     return 0
 
 
+def _summed(a: Optional[dict], b: dict) -> dict:
+    out = dict(a or {})
+    for k, n in b.items():
+        out[k] = out.get(k, 0) + n
+    return out
+
+
+def run_config(phase: Phase, args, out_dir: Path, results: dict, run: dict, tag: str, plan: dict,
+               tok, context_len: int, model_folder: str, total_turns: int, rnd: int) -> dict:
+    """One configuration's server, every cell of the phase on it: {cell: (requests, wall s,
+    verified drafts by shape)}. Requests are appended to run["requests"]; a failure is recorded
+    in the run and the notes, and ends this configuration only."""
+    from tqdm import tqdm
+
+    cells = {}
+    stats_file = out_dir / "logs" / f"{tag}-longspec-stats.json"
+    try:
+        if args.base_url:
+            ctx = _External(args.base_url)
+        else:
+            # LONGSPEC's own counters (verified drafts per shape...), which the server writes
+            # to this file; the environment reaches the scheduler processes it spawns.
+            os.environ["LONGSPEC_STATS_FILE"] = str(stats_file)
+            ctx = Server(phase.model, run["server_args"], out_dir / "logs" / f"{tag}.log",
+                         args.port or free_port(), args.startup_timeout)
+        with ctx as srv:
+            run["startup_s"] = getattr(srv, "startup_s", None)
+            warmup(srv.base_url, tok)
+            bar = tqdm(total=total_turns, desc=tag, unit="turn", dynamic_ncols=True)
+            for conc in phase.concurrency:
+                for spec in phase.workloads:
+                    if (spec.name, conc) not in plan:
+                        continue
+                    shapes_before = drafts_by_shape(stats_file)
+                    recs, wall = run_sessions(srv.base_url, tok, plan[(spec.name, conc)], conc,
+                                              context_len, bar)
+                    shapes = {k: n - shapes_before.get(k, 0)
+                              for k, n in drafts_by_shape(stats_file).items()}
+                    flush_cache(srv.base_url)
+                    key = f"{spec.name}@c{conc}"
+                    for r in recs:
+                        r.update(concurrency=conc, cell=key, round=rnd)
+                    run["requests"].extend(recs)
+                    cells[key] = (recs, wall, shapes)
+            bar.close()
+            if args.bench_serving:
+                run["bench_serving"] = {}
+                for conc in phase.concurrency:
+                    run["bench_serving"][f"c{conc}"] = bench_serving(
+                        srv.base_url, model_folder, out_dir, tag, conc,
+                        args.bench_serving_prompts or max(4, 2 * conc), args.bench_serving_output_len,
+                        args.seed)
+    except Exception as e:  # noqa: BLE001 - one failing configuration must not lose the others
+        run["error"] = repr(e)[:2000]
+        results["notes"].append(f"{tag} failed: {e!r}"[:500])
+        print(f"[benchmarks.run] {tag} FAILED: {e!r}", file=sys.stderr)
+    finally:
+        os.environ.pop("LONGSPEC_STATS_FILE", None)
+    return cells
+
+
 def run_phase(phase: Phase, args, out_dir: Path, results: dict) -> None:
     from sgl_longspec.tools.models import resolve_model_path
-    from tqdm import tqdm
 
     model_folder = str(resolve_model_path(phase.model))
     tok = W.load_tokenizer(model_folder)
@@ -466,62 +526,30 @@ def run_phase(phase: Phase, args, out_dir: Path, results: dict) -> None:
                       for k, v in plan.items()},
         "runs": {},
     }
-    for cfg in configs:
-        server_args = CONFIGS[cfg] + phase.server_args + args.server_args
-        log = out_dir / "logs" / f"{phase.name}-{cfg}.log"
-        run = {"server_args": server_args, "results": {}, "requests": []}
-        results["phases"][phase.name]["runs"][cfg] = run
-        t_cfg = time.time()
-        try:
-            stats_file = out_dir / "logs" / f"{phase.name}-{cfg}-longspec-stats.json"
-            if args.base_url:
-                ctx = _External(args.base_url)
-            else:
-                # LONGSPEC's own counters (verified drafts per shape...), which the server writes
-                # to this file; the environment reaches the scheduler processes it spawns.
-                os.environ["LONGSPEC_STATS_FILE"] = str(stats_file)
-                ctx = Server(phase.model, server_args, log, args.port or free_port(), args.startup_timeout)
-            with ctx as srv:
-                run["startup_s"] = getattr(srv, "startup_s", None)
-                warmup(srv.base_url, tok)
-                bar = tqdm(total=total_turns, desc=f"{phase.name}/{cfg}", unit="turn", dynamic_ncols=True)
-                for conc in phase.concurrency:
-                    for spec in phase.workloads:
-                        if (spec.name, conc) not in plan:
-                            continue
-                        sessions = plan[(spec.name, conc)]
-                        shapes_before = drafts_by_shape(stats_file)
-                        recs, wall = run_sessions(srv.base_url, tok, sessions, conc, context_len, bar)
-                        shapes = {k: n - shapes_before.get(k, 0)
-                                  for k, n in drafts_by_shape(stats_file).items()}
-                        flush_cache(srv.base_url)
-                        for r in recs:
-                            r["concurrency"] = conc
-                        run["requests"].extend(recs)
-                        run["results"][f"{spec.name}@c{conc}"] = aggregate(recs, wall)
-                        run["results"][f"{spec.name}@c{conc}"]["drafts_by_shape"] = shapes
-                        if spec.name == "longdoc":
-                            for b in sorted({r["label"] for r in recs}, key=lambda x: W.BUCKETS[x]):
-                                sub = [r for r in recs if r["label"] == b]
-                                run["results"][f"longdoc[{b}]@c{conc}"] = aggregate(
-                                    sub, sum(r["latency"] for r in sub if "error" not in r))
-                        _save(results, out_dir)
-                bar.close()
-                if args.bench_serving:
-                    run["bench_serving"] = {}
-                    for conc in phase.concurrency:
-                        run["bench_serving"][f"c{conc}"] = bench_serving(
-                            srv.base_url, model_folder, out_dir, f"{phase.name}-{cfg}", conc,
-                            args.bench_serving_prompts or max(4, 2 * conc), args.bench_serving_output_len,
-                            args.seed)
-        except Exception as e:  # noqa: BLE001 - one failing configuration must not lose the others
-            run["error"] = repr(e)[:2000]
-            results["notes"].append(f"{phase.name}/{cfg} failed: {e!r}"[:500])
-            print(f"[benchmarks.run] {phase.name}/{cfg} FAILED: {e!r}", file=sys.stderr)
-        finally:
-            os.environ.pop("LONGSPEC_STATS_FILE", None)
-        run["wall_s"] = time.time() - t_cfg
-        _save(results, out_dir)
+    runs = results["phases"][phase.name]["runs"]
+    for rnd in range(args.rounds):
+        for cfg in configs:
+            server_args = CONFIGS[cfg] + phase.server_args + args.server_args
+            run = runs.setdefault(cfg, {"server_args": server_args, "results": {}, "requests": [],
+                                        "rounds": [], "wall_s": 0.0})
+            tag = f"{phase.name}-{cfg}" + (f"-r{rnd + 1}" if args.rounds > 1 else "")
+            t_cfg = time.time()
+            cells = run_config(phase, args, out_dir, results, run, tag, plan, tok, context_len,
+                               model_folder, total_turns, rnd)
+            run["rounds"].append({key: aggregate(recs, wall) for key, (recs, wall, _) in cells.items()})
+            for key, (_, _, shapes) in cells.items():
+                pooled = [r for r in run["requests"] if r["cell"] == key]
+                walls = sum(rd[key]["wall_s"] for rd in run["rounds"] if key in rd)
+                earlier = run["results"].get(key, {}).get("drafts_by_shape")
+                run["results"][key] = aggregate(pooled, walls)
+                run["results"][key]["drafts_by_shape"] = _summed(earlier, shapes)
+                if key.startswith("longdoc@"):
+                    for b in sorted({r["label"] for r in pooled}, key=lambda x: W.BUCKETS[x]):
+                        sub = [r for r in pooled if r["label"] == b]
+                        run["results"][f"longdoc[{b}]@{key.split('@')[1]}"] = aggregate(
+                            sub, sum(r["latency"] for r in sub if "error" not in r))
+            run["wall_s"] += time.time() - t_cfg
+            _save(results, out_dir)
     _compare(results["phases"][phase.name])
 
 
@@ -544,7 +572,8 @@ def _compare(ph: dict) -> None:
     ref = runs.get("vanilla")
     ref_text = {}
     if ref:
-        ref_text = {(r["sid"], r["turn"], r["concurrency"]): r.get("text_sha") for r in ref["requests"]}
+        ref_text = {(r["sid"], r["turn"], r["concurrency"], r.get("round", 0)): r.get("text_sha")
+                    for r in ref["requests"]}
     for cfg, run in runs.items():
         for key, agg in run["results"].items():
             for base in ("vanilla", "ngram"):
@@ -555,10 +584,17 @@ def _compare(ph: dict) -> None:
                 if agg.get("mean_tpot_ms") and b.get("mean_tpot_ms"):
                     agg[f"tpot_ratio_vs_{base}"] = b["mean_tpot_ms"] / agg["mean_tpot_ms"]  # >1 = faster
                 agg[f"tau_ratio_vs_{base}"] = agg["tau"] / b["tau"] if b["tau"] else None
+                # With --rounds: the ratio in each round (both servers of a round ran one after
+                # the other), whose spread is the comparison's noise.
+                per_round = [r[key]["throughput"] / v[key]["throughput"]
+                             for r, v in zip(run.get("rounds", []), runs[base].get("rounds", []))
+                             if key in r and key in v and v[key]["throughput"]]
+                if len(per_round) > 1:
+                    agg[f"speedup_vs_{base}_rounds"] = per_round
         if ref and cfg != "vanilla":
             same = diff = 0
             for r in run["requests"]:
-                k = (r["sid"], r["turn"], r["concurrency"])
+                k = (r["sid"], r["turn"], r["concurrency"], r.get("round", 0))
                 if k in ref_text and r.get("text_sha"):
                     if r["text_sha"] == ref_text[k]:
                         same += 1
@@ -579,6 +615,13 @@ def _fmt(v, nd=2):
     if isinstance(v, float):
         return f"{v:.{nd}f}"
     return str(v)
+
+
+def _spread(ratios: Optional[list]) -> str:
+    """' (min-max over N rounds)' of a cell's per-round ratios, '' for a single round."""
+    if not ratios:
+        return ""
+    return f" ({min(ratios):.2f}-{max(ratios):.2f}, {len(ratios)} rounds)"
 
 
 def markdown(results: dict) -> str:
@@ -603,7 +646,8 @@ def markdown(results: dict) -> str:
                     f"| {k} | {cfg} | {a['requests']}{'' if not a['errors'] else ' (' + str(a['errors']) + ' err)'} | "
                     f"{a['output_tokens']} | {_fmt(a['tau'])} | {_fmt(a['throughput'])} | "
                     f"{_fmt(a['mean_tpot_ms'], 0)} | {_fmt(a['mean_ttft_s'])} | "
-                    f"{_fmt(a.get('speedup_vs_vanilla'))} | {_fmt(a.get('tpot_ratio_vs_vanilla'))} | "
+                    f"{_fmt(a.get('speedup_vs_vanilla'))}{_spread(a.get('speedup_vs_vanilla_rounds'))} | "
+                    f"{_fmt(a.get('tpot_ratio_vs_vanilla'))} | "
                     f"{_fmt(a.get('tau_ratio_vs_ngram'))} | {_fmt(a.get('speedup_vs_ngram'))} |")
         lines.append("")
         extra = []
@@ -639,7 +683,8 @@ def headline(results: dict) -> list[str]:
                     continue
                 parts = [f"tau {_fmt(a['tau'])}"]
                 if a.get("speedup_vs_vanilla") is not None:
-                    parts.append(f"{_fmt(a['speedup_vs_vanilla'])}x vanilla tok/s")
+                    parts.append(f"{_fmt(a['speedup_vs_vanilla'])}x vanilla tok/s"
+                                 f"{_spread(a.get('speedup_vs_vanilla_rounds'))}")
                 if a.get("tpot_ratio_vs_vanilla") is not None:
                     parts.append(f"{_fmt(a['tpot_ratio_vs_vanilla'])}x vanilla TPOT")
                 if a.get("tau_ratio_vs_ngram") is not None:
@@ -699,6 +744,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--buckets", nargs="+", default=None, choices=sorted(W.BUCKETS), help="longdoc buckets")
     p.add_argument("--phases", nargs="+", default=None, help="run only these phases of the preset")
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<suite|e2e>)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the configurations this many times in turn (vanilla, longspec, vanilla, "
+                        "longspec, ...), a fresh server each: the tables pool the rounds and give "
+                        "each cell's ratio to vanilla per round (min-max), the comparison's noise")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--port", type=int, default=None)
     p.add_argument("--startup-timeout", type=float, default=900)

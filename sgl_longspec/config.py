@@ -37,7 +37,7 @@ class LongSpecConfig:
     # Router
     min_score: float = 0.0  # (calibrated) expected accepted tokens below which a draft is not verified
     batch_draft_budget: int = 64  # draft tokens per verify step over the whole batch
-    backoff_steps: int = 8  # after a fully rejected draft, plain-decode this request for up to N steps
+    backoff_steps: int = 8  # after a fully rejected draft, pause a costly drafter (OWL) for the request up to N steps
     cost_aware: bool = True  # prune drafts by the measured cost of a verify token (false: verify all)
     queue_weight: float = 0.5  # a waiting request's share of the batch draft budget (0: queue ignored)
     kv_reserve: float = 0.05  # fraction of the KV pool kept free for admissions while requests wait

@@ -255,7 +255,7 @@ def test_draft_pruned_keeps_a_valid_tree():
 
 def test_cost_model_recovers_step_costs():
     """Fed exact timings from a = 30 ms, b = 2 ms/token, c = 5 ms, the fit converges to them."""
-    from sgl_longspec.step.router import StepCostModel
+    from sgl_longspec.step.cost_model import StepCostModel
 
     m = StepCostModel()
     rng = __import__("random").Random(0)
@@ -421,6 +421,40 @@ def test_router_backoff_is_per_drafter():
     assert not r.wants_draft("a", "owl") and r.wants_draft("a", "suffix") and r.wants_draft("a")
     r.plan_batch(["a"], [Draft.chain([1, 2], source="suffix")])  # a decode step passes
     assert r.wants_draft("a", "owl")
+
+
+def test_router_backs_off_only_drafters_whose_calls_cost_time():
+    """With the step cost measured, a rejected draft pauses a drafter whose calls cost time (OWL,
+    timed at 10 ms against a 24 ms step) but not the suffix index (untimed, microseconds): its next
+    drafts are weighed by the request's record instead, so a confident one is verified at once
+    while over-confident ones stop being verified; the same holds for refused drafts."""
+    r = Router(RouterConfig(min_score=0.0, backoff_steps=8))
+    for _ in range(20):  # a = 20 ms, b = 1 ms per token: a draft token needs p >= 1/21
+        r.observe_step(1, 21.0, verify=False)
+        r.observe_step(9, 20 + 9 + 2, verify=True)
+    r.observe_draft_cost("owl", 10.0)
+    assert r.worth_backing_off("owl", 1) and not r.worth_backing_off("suffix", 1)
+    # A call of 0.3 ms shared by 16 requests costs 0.8% of a 2.25 ms output token: not paused.
+    r.observe_draft_cost("corpus", 0.3)
+    assert r.worth_backing_off("corpus", 1) and not r.worth_backing_off("corpus", 16)
+    r.observe("a", drafted=5, accepted=0, expected=2.0, source="owl")
+    r.observe("a", drafted=5, accepted=0, expected=2.0, source="suffix")
+    assert not r.wants_draft("a", "owl") and r.wants_draft("a", "suffix")
+    sure = Draft.chain([1, 2, 3], probs=[1.0, 1.0, 1.0], source="suffix")
+    assert len(r.plan_batch(["a"], [sure])[0]) == 3  # verified the step after a rejection
+    verified = 0
+    for _ in range(30):  # over-confident drafts that keep failing: pruned, never paused
+        assert r.wants_draft("a", "suffix")
+        d = r.plan_batch(["a"], [Draft.chain([1, 2, 3, 4], probs=[0.5, 0.4, 0.3, 0.2],
+                                             source="suffix")])[0]
+        if len(d):
+            verified += 1
+            r.observe("a", drafted=len(d), accepted=0, expected=float(d.probs.sum()))
+    assert verified <= 3, verified
+    # Without a cost model every drafter is backed off (nothing else would stop it).
+    r2 = Router(RouterConfig(backoff_steps=8))
+    r2.observe("a", drafted=5, accepted=0, expected=2.0, source="suffix")
+    assert not r2.wants_draft("a", "suffix")
 
 
 def test_router_howl_pick():

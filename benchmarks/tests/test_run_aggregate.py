@@ -31,3 +31,50 @@ def test_drafts_by_shape_from_the_stats_file(tmp_path):
     f.write_text(json.dumps({"by_shape": {"chain": {"drafts": 7, "accepted": 9},
                                           "tree": {"drafts": 2}}}))
     assert drafts_by_shape(f) == {"chain": 7, "tree": 2}
+
+
+def test_rounds_pool_each_cell_and_give_the_ratio_per_round(monkeypatch, tmp_path):
+    """--rounds 2: each configuration's server runs twice in turn; a cell's figures pool both
+    rounds (tokens over the summed walls), its ratio to vanilla is also given per round (whose
+    spread is the comparison's noise), and outputs are compared with vanilla's of the same round."""
+    import argparse
+
+    from benchmarks import run as R
+
+    walls = {("vanilla", 0): 2.0, ("vanilla", 1): 4.0, ("longspec", 0): 1.0, ("longspec", 1): 4.0}
+    calls = []
+
+    def fake_sessions(base_url, tok, sessions, concurrency, context_len, progress=None):
+        cfg, rnd = base_url.rsplit("/", 1)[1], len([c for c in calls if c == base_url])
+        calls.append(base_url)
+        recs = [dict(_rec(10, 5), sid=s.sid, workload=s.workload, label=s.label, turn=k,
+                     text_sha="same" if (cfg, rnd) != ("longspec", 1) or k else "other")
+                for s in sessions for k in range(len(s.turns))]
+        return recs, walls[(cfg, rnd)]
+
+    monkeypatch.setattr(R, "run_sessions", fake_sessions)
+    monkeypatch.setattr(R, "warmup", lambda url, tok: None)
+    monkeypatch.setattr(R, "flush_cache", lambda url: None)
+    phase = R.Phase("suite", None, ["vanilla", "longspec"], [2],
+                    [R.WorkloadSpec("chat", {"turns": 2, "max_new_tokens": 8}, min_sessions=2)])
+    args = argparse.Namespace(rounds=2, base_url="http://x", seed=0, port=None, startup_timeout=1,
+                              server_args=[], bench_serving=False)
+    results = {"phases": {}, "notes": []}
+    real_run_config = R.run_config
+
+    def per_config(phase, args, out_dir, results, run, tag, *rest):
+        # One "server" per configuration (--base-url: no process), told apart by its URL.
+        args = argparse.Namespace(**{**vars(args), "base_url": "http://x/" + tag.split("-")[1]})
+        return real_run_config(phase, args, out_dir, results, run, tag, *rest)
+
+    monkeypatch.setattr(R, "run_config", per_config)
+    (tmp_path / "logs").mkdir()
+    R.run_phase(phase, args, tmp_path, results)
+    runs = results["phases"]["suite"]["runs"]
+    van, spec = runs["vanilla"]["results"]["chat@c2"], runs["longspec"]["results"]["chat@c2"]
+    assert van["requests"] == 8 and van["wall_s"] == 6.0 and spec["wall_s"] == 5.0
+    assert abs(spec["speedup_vs_vanilla"] - 6.0 / 5.0) < 1e-9
+    assert spec["speedup_vs_vanilla_rounds"] == [2.0, 1.0]
+    assert runs["longspec"]["output_match_vs_vanilla"] == {"same": 6, "different": 2}
+    assert "(1.00-2.00, 2 rounds)" in R.markdown({"title": "t", "command": "c", "date": "d",
+                                                   "machine": "m", **results})

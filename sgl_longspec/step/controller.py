@@ -374,7 +374,7 @@ class LongSpecController:
                 hits = int((paths[b, :len(d)] & off_main).sum()) if paths is not None else 0
                 side = (int(off_main.sum()), hits, float(d.probs[off_main].sum()))
             self.router.observe(rid, len(d), int(a), expected=float(d.probs.sum()), source=d.source,
-                                side=side)
+                                side=side, batch_size=len(rids))
             c.drafted += len(d)
             c.accepted += int(a)
             c.by_source.setdefault(d.source, SourceCounts()).add(len(d), int(a))

@@ -18,8 +18,11 @@ worth verifying only when its expected accepted length pays for it. The router t
   shapes offers both, and the router keeps the one with the higher calibrated net value (expected
   accepted tokens less their verify cost): a request copying a long span gets a chain, one whose
   next tokens are uncertain a tree, whatever its neighbours in the batch get (`better_shape`);
-- a backoff for requests whose drafts keep failing (plain decoding for a while, doubling up to a
-  cap), and a draft-token budget for the whole batch, filled best value first, which the server's
+- a backoff for requests whose drafts from a costly drafter keep failing (no calls to it for a
+  while, doubling up to a cap): it saves the drafter's time, which pruning cannot (a draft must
+  exist to be pruned). A drafter whose calls cost next to nothing (the suffix index, the corpus)
+  is not backed off; its failing drafts are pruned by the request's calibration instead, so that
+  the first draft worth verifying after a failure is verified; and a draft-token budget for the whole batch, filled best value first, which the server's
   load (requests waiting for admission, KV headroom: Load, draft_budget) shrinks down to nothing
   on a saturated server.
 
@@ -38,6 +41,7 @@ from typing import Hashable, Optional, Sequence
 import numpy as np
 
 from sgl_longspec.drafters.draft import Draft
+from sgl_longspec.step.cost_model import StepCostModel
 
 # The record of a drafter's side nodes (off a tree's main path) is f"{source}{SIDE}".
 SIDE = "/side"
@@ -67,80 +71,6 @@ class Load:
     waiting: int = 0  # requests queued for admission
     kv_free_tokens: Optional[int] = None  # KV slots free or evictable from the prefix cache
     kv_total_tokens: Optional[int] = None  # the KV pool's size
-
-
-class StepCostModel:
-    """Online linear model of one forward step: ms = a + b * tokens + c * [verify step].
-
-    tokens = tokens in the forward (batch size for a plain step, sum of 1 + draft size for a
-    verify step); c is what the verify path adds beyond its tokens (tree masks, rejection sampling,
-    KV compaction). Fitted by ridge-regularised least squares with exponential forgetting, so it
-    follows changes of batch size, context length and machine load. The ridge prior (b = a *
-    prior_token_cost, c = 0), set from the first observed step, keeps the fit well-posed while only
-    plain steps are seen, and as old verify observations decay it pulls b back to the prior, which
-    re-opens speculation that an unlucky estimate had closed.
-    """
-
-    def __init__(self, prior_token_cost: float = 0.05, decay: float = 0.97, prior_weight: float = 0.5):
-        self.prior_token_cost = prior_token_cost
-        self.decay = decay
-        self.prior_weight = prior_weight
-        self._xtx = np.zeros((3, 3))
-        self._xty = np.zeros(3)
-        self._prior: Optional[np.ndarray] = None
-        self._theta: Optional[np.ndarray] = None
-        self._ridge = np.diag([1.0, self.TYPICAL_TOKENS ** 2, 1.0]) * prior_weight
-        self.observations = 0
-
-    TYPICAL_TOKENS = 16.0  # scale of the token feature, for the ridge prior
-    def observe(self, tokens: int, ms: float, verify: bool) -> None:
-        if tokens <= 0 or not (ms > 0.0) or not np.isfinite(ms):
-            return
-        x = np.array([1.0, float(tokens), 1.0 if verify else 0.0])
-        if self._prior is None:
-            a0 = ms / (1.0 + self.prior_token_cost * tokens)
-            self._prior = np.array([a0, a0 * self.prior_token_cost, 0.0])
-        self._xtx = self.decay * self._xtx + np.outer(x, x)
-        self._xty = self.decay * self._xty + x * ms
-        self.observations += 1
-        # The prior weighs as much as `prior_weight` steps (the token feature on its own scale).
-        lhs = self._xtx + self._ridge
-        rhs = self._xty + self._ridge @ self._prior
-        theta = np.linalg.solve(lhs, rhs)
-        # Physical bounds: a step costs something; tokens and the verify path cost nothing negative.
-        theta[0] = max(theta[0], 1e-3)
-        theta[1] = max(theta[1], 0.0)
-        theta[2] = max(theta[2], 0.0)
-        self._theta = theta
-
-    @property
-    def params(self) -> Optional[tuple[float, float, float]]:
-        """(a, b, c) in ms, or None before the first observation."""
-        return None if self._theta is None else tuple(float(v) for v in self._theta)
-
-    def token_threshold(self, batch_size: int) -> float:
-        """Expected accepted tokens a draft token must bring to pay for itself: its marginal cost b
-        over the time one output token takes in plain decoding, (a + b * bs) / bs."""
-        if self._theta is None:
-            return 0.0
-        a, b, _ = self._theta
-        return b * batch_size / (a + b * batch_size)
-
-    def plain_ms_per_token(self, batch_size: int) -> Optional[float]:
-        """Time one output token takes in a plain decode step of this batch size."""
-        if self._theta is None:
-            return None
-        a, b, _ = self._theta
-        return (a + b * batch_size) / batch_size
-
-    def speedup(self, batch_size: int, expected_tokens: float, draft_tokens: int) -> float:
-        """Predicted tokens/s of a verify step with these drafts over a plain step's."""
-        if self._theta is None:
-            return float("inf") if expected_tokens > 0 else 1.0
-        a, b, c = self._theta
-        plain = batch_size / (a + b * batch_size)
-        spec = (batch_size + expected_tokens) / (a + b * (batch_size + draft_tokens) + c)
-        return spec / plain
 
 
 @dataclass
@@ -184,6 +114,11 @@ class Router:
     # Weight of the newest drafting-call time in its running average: follows a change of load
     # within ~5 calls without letting one slow call (a GC pause) close a drafter.
     DRAFT_MS_WEIGHT = 0.2
+    # A drafter is backed off after failures only when one call costs at least this share of the
+    # time a plain step spends per output token: below it, skipping calls saves less than the
+    # drafts the pause forgoes (the suffix index answers in microseconds and is not even timed;
+    # an OWL call on the CPU costs 5-20% of a step).
+    BACKOFF_MIN_CALL_SHARE = 0.01
     PRIOR_ACCEPTED = 2.0  # accepted tokens per draft believed before any record exists
     _draft_ms: dict = field(default_factory=dict)  # source -> EMA of one drafting call (ms)
     # source -> decayed [expected, accepted, drafts, draft tokens] over all requests: the prior of
@@ -389,7 +324,7 @@ class Router:
             if refused[i]:
                 # Drafting that is never verified only costs drafter time: back off as after a
                 # rejection, so that traffic speculation cannot help pays (almost) nothing.
-                self._back_off(st, drafts[i].source)
+                self._back_off(st, drafts[i].source, bs)
             if len(d) == 0:
                 st.plain_steps += 1
                 for c in st.calib.values():
@@ -402,10 +337,10 @@ class Router:
 
     def observe(self, req_id: Hashable, drafted: int, accepted: int,
                 expected: Optional[float] = None, source: str = "suffix",
-                side: Optional[tuple[int, int, float]] = None) -> None:
+                side: Optional[tuple[int, int, float]] = None, batch_size: int = 1) -> None:
         """Record a verify outcome (expected = the drafter's uncalibrated expected accepted length of
         the verified draft, the sum of its path probabilities); a draft with nothing accepted
-        doubles the backoff. `side` = (side nodes drafted, of them accepted, their expected) for a
+        doubles the backoff (of a costly drafter, in a step of `batch_size` requests). `side` = (side nodes drafted, of them accepted, their expected) for a
         tree: they go to the side record, the rest to the main path's."""
         if drafted <= 0:
             return
@@ -427,13 +362,27 @@ class Router:
                     c[j] = self.CALIBRATION_DECAY * c[j] + x
                     g[j] = self.GLOBAL_DECAY * g[j] + x
         if accepted == 0:
-            self._back_off(st, source)
+            self._back_off(st, source, batch_size)
         else:
             st.penalty[source] = 0
             st.skip[source] = 0
 
-    def _back_off(self, st: _ReqState, source: str) -> None:
-        """No drafts from `source` for this request for a while, doubling up to the cap."""
+    def worth_backing_off(self, source: str, batch_size: int) -> bool:
+        """Whether pausing `source` for a failing request saves time: its calls (measured, per
+        request of the batch) cost BACKOFF_MIN_CALL_SHARE of a plain output token or more. Without
+        a cost model (cost-awareness off, or no step measured yet) every drafter is backed off, as
+        nothing else stops a failing request's drafts then."""
+        token_ms = self.cost.plain_ms_per_token(max(batch_size, 1))
+        if not self.config.cost_aware or token_ms is None:
+            return True
+        call_ms = self._draft_ms.get(source, 0.0) / max(batch_size, 1)
+        return call_ms >= self.BACKOFF_MIN_CALL_SHARE * token_ms
+
+    def _back_off(self, st: _ReqState, source: str, batch_size: int = 1) -> None:
+        """No drafts from `source` for this request for a while, doubling up to the cap, when its
+        calls cost enough to be worth saving (worth_backing_off)."""
+        if not self.worth_backing_off(source, batch_size):
+            return
         st.penalty[source] = min(max(1, 2 * st.penalty.get(source, 0)), self.config.backoff_steps)
         st.skip[source] = st.penalty[source]
 

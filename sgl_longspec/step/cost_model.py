@@ -1,0 +1,82 @@
+"""The router's model of what one forward step costs, fitted online from the worker's own step
+timings (see StepCostModel). Engine-independent."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+
+class StepCostModel:
+    """Online linear model of one forward step: ms = a + b * tokens + c * [verify step].
+
+    tokens = tokens in the forward (batch size for a plain step, sum of 1 + draft size for a
+    verify step); c is what the verify path adds beyond its tokens (tree masks, rejection sampling,
+    KV compaction). Fitted by ridge-regularised least squares with exponential forgetting, so it
+    follows changes of batch size, context length and machine load. The ridge prior (b = a *
+    prior_token_cost, c = 0), set from the first observed step, keeps the fit well-posed while only
+    plain steps are seen, and as old verify observations decay it pulls b back to the prior, which
+    re-opens speculation that an unlucky estimate had closed.
+    """
+
+    def __init__(self, prior_token_cost: float = 0.05, decay: float = 0.97, prior_weight: float = 0.5):
+        self.prior_token_cost = prior_token_cost
+        self.decay = decay
+        self.prior_weight = prior_weight
+        self._xtx = np.zeros((3, 3))
+        self._xty = np.zeros(3)
+        self._prior: Optional[np.ndarray] = None
+        self._theta: Optional[np.ndarray] = None
+        self._ridge = np.diag([1.0, self.TYPICAL_TOKENS ** 2, 1.0]) * prior_weight
+        self.observations = 0
+
+    TYPICAL_TOKENS = 16.0  # scale of the token feature, for the ridge prior
+    def observe(self, tokens: int, ms: float, verify: bool) -> None:
+        if tokens <= 0 or not (ms > 0.0) or not np.isfinite(ms):
+            return
+        x = np.array([1.0, float(tokens), 1.0 if verify else 0.0])
+        if self._prior is None:
+            a0 = ms / (1.0 + self.prior_token_cost * tokens)
+            self._prior = np.array([a0, a0 * self.prior_token_cost, 0.0])
+        self._xtx = self.decay * self._xtx + np.outer(x, x)
+        self._xty = self.decay * self._xty + x * ms
+        self.observations += 1
+        # The prior weighs as much as `prior_weight` steps (the token feature on its own scale).
+        lhs = self._xtx + self._ridge
+        rhs = self._xty + self._ridge @ self._prior
+        theta = np.linalg.solve(lhs, rhs)
+        # Physical bounds: a step costs something; tokens and the verify path cost nothing negative.
+        theta[0] = max(theta[0], 1e-3)
+        theta[1] = max(theta[1], 0.0)
+        theta[2] = max(theta[2], 0.0)
+        self._theta = theta
+
+    @property
+    def params(self) -> Optional[tuple[float, float, float]]:
+        """(a, b, c) in ms, or None before the first observation."""
+        return None if self._theta is None else tuple(float(v) for v in self._theta)
+
+    def token_threshold(self, batch_size: int) -> float:
+        """Expected accepted tokens a draft token must bring to pay for itself: its marginal cost b
+        over the time one output token takes in plain decoding, (a + b * bs) / bs."""
+        if self._theta is None:
+            return 0.0
+        a, b, _ = self._theta
+        return b * batch_size / (a + b * batch_size)
+
+    def plain_ms_per_token(self, batch_size: int) -> Optional[float]:
+        """Time one output token takes in a plain decode step of this batch size."""
+        if self._theta is None:
+            return None
+        a, b, _ = self._theta
+        return (a + b * batch_size) / batch_size
+
+    def speedup(self, batch_size: int, expected_tokens: float, draft_tokens: int) -> float:
+        """Predicted tokens/s of a verify step with these drafts over a plain step's."""
+        if self._theta is None:
+            return float("inf") if expected_tokens > 0 else 1.0
+        a, b, c = self._theta
+        plain = batch_size / (a + b * batch_size)
+        spec = (batch_size + expected_tokens) / (a + b * (batch_size + draft_tokens) + c)
+        return spec / plain
