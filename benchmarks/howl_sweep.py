@@ -10,7 +10,8 @@ recorded continuation; the step advances by accepted + 1 (the bonus token). tau 
 / steps. The same recording serves every policy, so the comparison is exact and cheap.
 
 Policies: suffix only; OWL only; HOWL(T): the suffix draft when its score >= T, else the OWL tree
-(sgl_longspec.step.router.Router.pick). With shapes (issue 30): each drafter proposes several
+(sgl_longspec.step.router.Router.pick); and `oracle`, the bound: at each step the recorded draft
+that is accepted furthest. With shapes (issue 30): each drafter proposes several
 shapes at every position (suffix: a chain and a tree of the same node budget; OWL: a chain and
 trees of width 2 and 3) and a real Router, one record per request fed by the walk's outcomes,
 picks as the LONGSPEC controller does: Router.better_shape per drafter, Router.pick between them,
@@ -32,6 +33,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -208,6 +210,31 @@ class ShapePolicy:
                             source=d.source, side=side)
 
 
+class OraclePlan:
+    """The bound, not a policy: the fewest steps through one generation when each step may verify
+    any of the recorded drafts (either drafter, any shape) or none, knowing the continuation
+    (shortest path by dynamic programming over positions; ties: fewer draft tokens). No choice
+    among these drafts, per request or per step, can beat its tau."""
+
+    SHAPES = ("s", "st", *OWL_SHAPES)
+
+    def __init__(self, rows: list[dict], n_gen: int):
+        by_t = {r["t"]: r for r in rows}
+        best = {t: (0, 0) for t in range(n_gen, n_gen + MAX_SPEC + 2)}  # (steps, tokens) to the end
+        self.choice = {}
+        for t in range(n_gen - 1, 0, -1):
+            r = by_t[t]
+            options = [((best[t + 1][0] + 1, best[t + 1][1]), None)]
+            for k in self.SHAPES:
+                nxt = t + r[f"{k}_acc"] + 1
+                steps, tokens = best[min(nxt, n_gen)]
+                options.append(((steps + 1, tokens + r[f"{k}_len"]), k))
+            best[t], self.choice[t] = min(options, key=lambda o: o[0])
+
+    def __call__(self, r: dict) -> Optional[str]:
+        return self.choice[r["t"]]
+
+
 def policies() -> dict:
     out = {"suffix": lambda r: "s" if r["s_len"] else None,
            "owl": lambda r: "o2" if r["o2_len"] else None,
@@ -223,6 +250,7 @@ def policies() -> dict:
             return None if not len(d) else ("s" if d is s else "o2")
 
         out[f"howl@{th:g}"] = pick
+    out["oracle"] = OraclePlan
     for th in SHAPE_THRESHOLDS:  # a fresh router per generation (one request)
         out[f"router@{th:g}"] = lambda th=th: ShapePolicy(th, *ShapePolicy.FIXED_SHAPES)
         out[f"shape@{th:g}"] = lambda th=th: ShapePolicy(th)
@@ -264,7 +292,8 @@ def main(argv=None) -> int:
             steps = tokens = drafted = 0
             shapes = {"chain": 0, "tree": 0, "none": 0}
             for n_gen, rows in recs:
-                policy = choose() if name.startswith(("shape@", "router@")) else choose
+                policy = (choose() if name.startswith(("shape@", "router@"))
+                          else choose(rows, n_gen) if name == "oracle" else choose)
                 s, tk, dr, sh = walk(rows, n_gen, policy)
                 steps, tokens, drafted = steps + s, tokens + tk, drafted + dr
                 shapes = {k: shapes[k] + sh[k] for k in shapes}
@@ -302,7 +331,7 @@ def markdown_table(table: dict, key: str, title: str) -> str:
         for n in names:
             v = row[n][key]
             cell = f"{v:.2f}"
-            if n.startswith(("howl", "shape", "router")):
+            if n.startswith(("howl", "shape", "router", "oracle")):
                 cell += f" ({v / best:.2f}x)"
             if n.startswith("shape"):
                 cell += f" [{v / row['router' + n[len('shape'):]][key]:.2f}x]"

@@ -51,3 +51,30 @@ def test_shape_policy_verifies_trees_where_the_text_branches_and_chains_where_it
     _, _, _, on_copying = H.walk(copying, 200, H.ShapePolicy(1.0))
     assert on_branching["tree"] > on_branching["chain"], on_branching
     assert on_copying["chain"] > on_copying["tree"], on_copying
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 4), st.integers(0, 4)), min_size=30,
+                max_size=30))
+def test_oracle_bounds_every_policy(accepts):
+    """The oracle's step count is at most that of every policy on the same rows, and equals a
+    breadth-first search over every sequence of choices."""
+    rows = []
+    for t, (a_s, a_st, a_o) in enumerate(accepts, start=1):
+        truth = [7] * 5
+        drafts = {"s": Draft.chain([7] * a_s + [8], source="suffix"),
+                  "st": Draft([7] * a_st + [9, 6], list(range(-1, a_st)) + [a_st - 1], source="suffix"),
+                  **{name: Draft.chain([7] * a_o + [5], source="owl") for name in H.OWL_SHAPES}}
+        rows.append(H.position_row(t, truth, drafts))
+    n_gen = len(rows) + 1
+    pols = H.policies()
+    steps = {name: H.walk(rows, n_gen, pols[name]() if name.startswith(("router@", "shape@"))
+                          else pols[name](rows, n_gen) if name == "oracle" else pols[name])[0]
+             for name in pols}
+    assert all(steps["oracle"] <= s for s in steps.values()), steps
+    jumps = {r["t"]: {r[f"{k}_acc"] + 1 for k in H.OraclePlan.SHAPES} | {1} for r in rows}
+    frontier, n_steps = {1}, 0  # breadth-first over every sequence of choices
+    while n_gen not in frontier:
+        frontier = {min(t + j, n_gen) for t in frontier if t < n_gen for j in jumps[t]}
+        n_steps += 1
+    assert steps["oracle"] == n_steps
