@@ -414,6 +414,40 @@ def test_router_backs_off_drafting_that_is_never_verified():
     assert r.wants_source("chat", "suffix", 1, 8)  # per drafter
 
 
+def test_router_stops_calling_a_drafter_whose_drafts_are_never_verified():
+    """A costly drafter whose drafts the step cost model keeps refusing (a 16-request batch on a
+    CPU, where a draft token needs p >= 0.44) is rarely called for that request, even with no
+    backoff at all: its refused calls count as drafts with nothing accepted. A request whose
+    drafts pass keeps being drafted, and the refused one is tried again once plain steps fade the
+    evidence."""
+    r = Router(RouterConfig(min_score=0.0, backoff_steps=0))
+    for _ in range(20):  # a = 20 ms, b = 1 ms per token: at bs 16, p >= 16/36
+        r.observe_step(16, 36.0, verify=False)
+        r.observe_step(40, 20 + 40 + 2, verify=True)
+    r.observe_draft_cost("owl", 25.0)  # one batched call: 1.6 ms per request of 16
+    weak = Draft([1, 2, 3], [-1, -1, 0], probs=[0.4, 0.3, 0.2], source="owl")
+    strong = Draft.chain([1, 2, 3], probs=[0.95, 0.9, 0.85], source="owl")
+    ids = ["weak", "strong"] + [f"plain{i}" for i in range(14)]  # a batch of 16
+    calls = []
+    for step in range(40):
+        drafts = [Draft.empty()] * 16
+        for i, d in enumerate((weak, strong)):
+            if r.wants_source(ids[i], "owl", 16, 8):
+                drafts[i] = d
+        calls.append([rid for rid, d in zip(ids, drafts) if len(d)])
+        out = r.plan_batch(ids, drafts)
+        assert len(out[0]) == 0 and len(out[1]) == 3
+        r.observe("strong", 3, 3, expected=float(strong.probs.sum()), source="owl")
+    # Without counting refused calls it is called every step; with it, retried now and then as
+    # plain steps fade the evidence (here 3 of the last 20 steps).
+    assert sum("weak" in ids for ids in calls[-20:]) <= 4, calls
+    assert all("strong" in ids for ids in calls)
+    assert r.refusals["unprofitable"] < 20
+    for _ in range(200):
+        r.plan_batch(ids, [Draft.empty()] * 16)
+    assert r.wants_source("weak", "owl", 16, 8)
+
+
 def test_router_backoff_is_per_drafter():
     """Rejected OWL drafts back off the OWL drafter only; the suffix index keeps drafting."""
     r = Router(RouterConfig(backoff_steps=4))

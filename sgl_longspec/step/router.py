@@ -322,8 +322,10 @@ class Router:
             for src in st.skip:  # backoffs count decode steps, whichever drafter ran meanwhile
                 st.skip[src] -= 1
             if refused[i]:
-                # Drafting that is never verified only costs drafter time: back off as after a
-                # rejection, so that traffic speculation cannot help pays (almost) nothing.
+                # Drafting that is never verified only costs drafter time: it counts as a call
+                # that brought nothing, and backs a costly drafter off as a rejection does, so
+                # that traffic speculation cannot help pays (almost) nothing.
+                self._count_unverified_call(st, drafts[i].source)
                 self._back_off(st, drafts[i].source, bs)
             if len(d) == 0:
                 st.plain_steps += 1
@@ -377,6 +379,19 @@ class Router:
             return True
         call_ms = self._draft_ms.get(source, 0.0) / max(batch_size, 1)
         return call_ms >= self.BACKOFF_MIN_CALL_SHARE * token_ms
+
+    def _count_unverified_call(self, st: _ReqState, source: str) -> None:
+        """A drafting call whose draft was refused (not worth verifying) joins the request's and
+        the server-wide record as a draft with nothing verified and nothing accepted: the record
+        of accepted tokens per call (wants_source) falls, so a drafter whose drafts this batch
+        size never lets through stops being called (e.g. OWL at 16 requests on a CPU, where the
+        break-even probability is high). The calibration of its path probabilities, which only
+        verified drafts measure, gets no new evidence; its old evidence decays as with any call."""
+        for record, decay in ((st.calib, self.CALIBRATION_DECAY), (self._global, self.GLOBAL_DECAY)):
+            c = record.setdefault(source, [0.0, 0.0, 0.0, 0.0])
+            for j in range(4):
+                c[j] *= decay
+            c[2] += 1.0
 
     def _back_off(self, st: _ReqState, source: str, batch_size: int = 1) -> None:
         """No drafts from `source` for this request for a while, doubling up to the cap, when its
