@@ -45,6 +45,10 @@ from sgl_longspec.step.cost_model import StepCostModel
 
 # The record of a drafter's side nodes (off a tree's main path) is f"{source}{SIDE}".
 SIDE = "/side"
+# A drafter's record, per request and server-wide, decayed sums of: expected accepted tokens
+# (the drafter's path probabilities), accepted tokens, drafting calls (verified or refused),
+# verified draft tokens, verified drafts.
+_EMPTY_RECORD = (0.0, 0.0, 0.0, 0.0, 0.0)
 
 
 @dataclass
@@ -129,20 +133,21 @@ class Router:
     # --longspec-min-score), "batch_budget", "step_slower_than_plain" (the whole step vetoed)
     refusals: Counter = field(default_factory=Counter)
 
-    def _prior(self, source: str) -> tuple[float, float, float]:
-        """(calibration, accepted per draft, tokens per draft) believed for a new request."""
-        e, h, n, l = self._global.get(source, (0.0, 0.0, 0.0, 0.0))
+    def _prior(self, source: str) -> tuple[float, float, float, float]:
+        """(calibration, accepted tokens, verified tokens, verified drafts) per drafting call,
+        believed for a new request."""
+        e, h, n, l, v = self._global.get(source, _EMPTY_RECORD)
         k0 = min((h + 1.0) / (e + 1.0), self.CALIBRATION_CAP)
         accepted = (h + self.PRIOR_ACCEPTED) / (n + 1.0)
         length = (l + self.PRIOR_ACCEPTED) / (n + 1.0)
-        return k0, accepted, length
+        return k0, accepted, length, (v + 1.0) / (n + 1.0)
 
     def calibration(self, req_id: Hashable, source: str = "suffix") -> float:
         """Factor on a drafter's path probabilities for this request: accepted / expected over its
         recent verify steps, shrunk towards the drafter's server-wide calibration."""
-        e, h, _, _ = self._state(req_id).calib.get(source, (0.0, 0.0, 0.0, 0.0))
+        e, h, _, _, _ = self._state(req_id).calib.get(source, _EMPTY_RECORD)
         m = self.config.calibration_prior
-        k0, _, _ = self._prior(source)
+        k0 = self._prior(source)[0]
         return min((h + m * k0) / (e + m), self.CALIBRATION_CAP)
 
     def observe_step(self, tokens: int, ms: float, verify: bool) -> None:
@@ -157,10 +162,11 @@ class Router:
 
     def wants_source(self, req_id: Hashable, source: str, batch_size: int,
                      max_tokens: int) -> bool:
-        """Whether drafting from `source` pays for this request now: the tokens its recent drafts
-        got accepted (decayed mean per verified draft, optimistic prior) must exceed what a draft
-        costs in output-token time: the verify path's fixed cost, its tokens, and the drafter's
-        own time."""
+        """Whether drafting from `source` pays for this request now: the tokens its recent calls
+        got accepted (decayed mean per call, a refused draft counting as nothing; optimistic
+        prior) must exceed what a call costs in output-token time: the verify path's fixed cost
+        (for the share of calls whose draft is verified), its tokens, and the drafter's own time.
+        So refusals cost a free drafter nothing and a costly one its calls."""
         if not self.wants_draft(req_id, source):
             return False
         if not self.config.cost_aware or self.cost.params is None:
@@ -168,16 +174,18 @@ class Router:
         a, b, c = self.cost.params
         token_ms = self.cost.plain_ms_per_token(batch_size)
         calib = self._state(req_id).calib
-        _, hits, count, length = calib.get(source, (0.0, 0.0, 0.0, 0.0))
-        _, side_hits, _, side_length = calib.get(source + SIDE, (0.0, 0.0, 0.0, 0.0))
+        _, hits, calls, length, verified = calib.get(source, _EMPTY_RECORD)
+        _, side_hits, _, side_length, _ = calib.get(source + SIDE, _EMPTY_RECORD)
         hits, length = hits + side_hits, length + side_length  # per draft, whatever its shape
         m = self.config.calibration_prior
-        _, prior_accepted, prior_len = self._prior(source)
-        accepted = (hits + m * prior_accepted) / (count + m)
+        _, prior_accepted, prior_len, prior_verified = self._prior(source)
+        accepted = (hits + m * prior_accepted) / (calls + m)
         # The record (pruned drafts, as verified), not max_tokens, says what a draft costs.
-        typical_len = min(max_tokens, (length + m * prior_len) / (count + m))
+        typical_len = min(max_tokens, (length + m * prior_len) / (calls + m))
+        verified_share = min(1.0, (verified + m * prior_verified) / (calls + m))
         # A verify step's fixed cost is shared by the batch's drafts.
-        cost_ms = c / batch_size + b * typical_len + self._draft_ms.get(source, 0.0) / batch_size
+        cost_ms = (c / batch_size * verified_share + b * typical_len
+                   + self._draft_ms.get(source, 0.0) / batch_size)
         return accepted * token_ms > cost_ms
 
     def _state(self, req_id: Hashable) -> _ReqState:
@@ -330,10 +338,10 @@ class Router:
             if len(d) == 0:
                 st.plain_steps += 1
                 for c in st.calib.values():
-                    for j in range(4):
+                    for j in range(len(c)):
                         c[j] *= self.RECOVERY_DECAY
                 for g in self._global.values():  # so the server-wide record cannot lock drafting out
-                    for j in range(4):
+                    for j in range(len(g)):
                         g[j] *= self.GLOBAL_FADE
         return out
 
@@ -351,15 +359,15 @@ class Router:
         st.drafted += drafted
         st.accepted += accepted
         if expected is not None:
-            records = [(source, (expected, accepted, 1.0, drafted))]
+            records = [(source, (expected, accepted, 1.0, drafted, 1.0))]
             if side is not None and side[0] > 0:
                 n_side, hits_side, expected_side = side
                 records = [(source, (expected - expected_side, accepted - hits_side, 1.0,
-                                     drafted - n_side)),
-                           (source + SIDE, (expected_side, hits_side, 1.0, n_side))]
+                                     drafted - n_side, 1.0)),
+                           (source + SIDE, (expected_side, hits_side, 1.0, n_side, 1.0))]
             for key, values in records:
-                c = st.calib.setdefault(key, [0.0, 0.0, 0.0, 0.0])  # expected, hits, drafts, tokens
-                g = self._global.setdefault(key, [0.0, 0.0, 0.0, 0.0])
+                c = st.calib.setdefault(key, list(_EMPTY_RECORD))
+                g = self._global.setdefault(key, list(_EMPTY_RECORD))
                 for j, x in enumerate(values):
                     c[j] = self.CALIBRATION_DECAY * c[j] + x
                     g[j] = self.GLOBAL_DECAY * g[j] + x
@@ -388,8 +396,8 @@ class Router:
         break-even probability is high). The calibration of its path probabilities, which only
         verified drafts measure, gets no new evidence; its old evidence decays as with any call."""
         for record, decay in ((st.calib, self.CALIBRATION_DECAY), (self._global, self.GLOBAL_DECAY)):
-            c = record.setdefault(source, [0.0, 0.0, 0.0, 0.0])
-            for j in range(4):
+            c = record.setdefault(source, list(_EMPTY_RECORD))
+            for j in range(len(c)):
                 c[j] *= decay
             c[2] += 1.0
 
