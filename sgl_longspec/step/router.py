@@ -22,9 +22,12 @@ worth verifying only when its expected accepted length pays for it. The router t
   while, doubling up to a cap): it saves the drafter's time, which pruning cannot (a draft must
   exist to be pruned). A drafter whose calls cost next to nothing (the suffix index, the corpus)
   is not backed off; its failing drafts are pruned by the request's calibration instead, so that
-  the first draft worth verifying after a failure is verified; and a draft-token budget for the whole batch, filled best value first, which the server's
-  load (requests waiting for admission, KV headroom: Load, draft_budget) shrinks down to nothing
-  on a saturated server.
+  the first draft worth verifying after a failure is verified. A draft refused as not worth
+  verifying counts in the records as a call that brought nothing, which costs a free drafter
+  nothing and a costly one its calls (wants_source);
+- a draft-token budget for the whole batch, filled best value first, which the server's load
+  (requests waiting for admission, KV headroom: Load, draft_budget) shrinks down to nothing on a
+  saturated server.
 
 A step verifies drafts only when the batch's expected tokens per second beat plain decoding's, so
 a request for which speculation does not pay stops paying for it.
@@ -85,7 +88,7 @@ class _ReqState:
     accepted: int = 0
     steps: int = 0  # verify steps with a draft
     plain_steps: int = 0  # steps without a draft
-    # per draft source ("suffix", "corpus", "owl"): decayed [expected, accepted] sums behind the calibration
+    # per draft source ("suffix", "corpus", "owl", and "<source>/side"): its record (_EMPTY_RECORD)
     calib: dict = field(default_factory=dict)
 
 
@@ -125,7 +128,7 @@ class Router:
     BACKOFF_MIN_CALL_SHARE = 0.01
     PRIOR_ACCEPTED = 2.0  # accepted tokens per draft believed before any record exists
     _draft_ms: dict = field(default_factory=dict)  # source -> EMA of one drafting call (ms)
-    # source -> decayed [expected, accepted, drafts, draft tokens] over all requests: the prior of
+    # source -> the decayed record (_EMPTY_RECORD's fields) over all requests: the prior of
     # a request's own record (hierarchical), so that on chat traffic a new request starts as
     # skeptical as its predecessors ended, and on copy traffic as confident.
     _global: dict = field(default_factory=dict)
@@ -350,8 +353,9 @@ class Router:
                 side: Optional[tuple[int, int, float]] = None, batch_size: int = 1) -> None:
         """Record a verify outcome (expected = the drafter's uncalibrated expected accepted length of
         the verified draft, the sum of its path probabilities); a draft with nothing accepted
-        doubles the backoff (of a costly drafter, in a step of `batch_size` requests). `side` = (side nodes drafted, of them accepted, their expected) for a
-        tree: they go to the side record, the rest to the main path's."""
+        doubles the backoff (of a costly drafter, in a step of `batch_size` requests). `side` =
+        (side nodes drafted, of them accepted, their expected) for a tree: they go to the side
+        record, the rest to the main path's."""
         if drafted <= 0:
             return
         st = self._state(req_id)
