@@ -435,10 +435,12 @@ def export_agentic_trace(phases: list[Phase], path: Path, seed: int) -> int:
     return 0
 
 
-def _summed(a: Optional[dict], b: dict) -> dict:
-    out = dict(a or {})
-    for k, n in b.items():
-        out[k] = out.get(k, 0) + n
+def _summed(counts) -> dict:
+    """Counters (dicts of numbers) added up key by key."""
+    out: dict = {}
+    for c in counts:
+        for k, n in c.items():
+            out[k] = out.get(k, 0) + n
     return out
 
 
@@ -536,13 +538,14 @@ def run_phase(phase: Phase, args, out_dir: Path, results: dict) -> None:
             t_cfg = time.time()
             cells = run_config(phase, args, out_dir, results, run, tag, plan, tok, context_len,
                                model_folder, total_turns, rnd)
-            run["rounds"].append({key: aggregate(recs, wall) for key, (recs, wall, _) in cells.items()})
-            for key, (_, _, shapes) in cells.items():
+            run["rounds"].append({key: {**aggregate(recs, wall), "drafts_by_shape": shapes}
+                                  for key, (recs, wall, shapes) in cells.items()})
+            for key in cells:
                 pooled = [r for r in run["requests"] if r["cell"] == key]
-                walls = sum(rd[key]["wall_s"] for rd in run["rounds"] if key in rd)
-                earlier = run["results"].get(key, {}).get("drafts_by_shape")
-                run["results"][key] = aggregate(pooled, walls)
-                run["results"][key]["drafts_by_shape"] = _summed(earlier, shapes)
+                this_cell = [rd[key] for rd in run["rounds"] if key in rd]
+                run["results"][key] = aggregate(pooled, sum(c["wall_s"] for c in this_cell))
+                run["results"][key]["drafts_by_shape"] = _summed(c["drafts_by_shape"]
+                                                                 for c in this_cell)
                 if key.startswith("longdoc@"):
                     for b in sorted({r["label"] for r in pooled}, key=lambda x: W.BUCKETS[x]):
                         sub = [r for r in pooled if r["label"] == b]

@@ -370,11 +370,7 @@ class Router:
                                      drafted - n_side, 1.0)),
                            (source + SIDE, (expected_side, hits_side, 1.0, n_side, 1.0))]
             for key, values in records:
-                c = st.calib.setdefault(key, list(_EMPTY_RECORD))
-                g = self._global.setdefault(key, list(_EMPTY_RECORD))
-                for j, x in enumerate(values):
-                    c[j] = self.CALIBRATION_DECAY * c[j] + x
-                    g[j] = self.GLOBAL_DECAY * g[j] + x
+                self._add_to_records(st, key, values)
         if accepted == 0:
             self._back_off(st, source, batch_size)
         else:
@@ -399,11 +395,15 @@ class Router:
         size never lets through stops being called (e.g. OWL at 16 requests on a CPU, where the
         break-even probability is high). The calibration of its path probabilities, which only
         verified drafts measure, gets no new evidence; its old evidence decays as with any call."""
+        self._add_to_records(st, source, (0.0, 0.0, 1.0, 0.0, 0.0))
+
+    def _add_to_records(self, st: _ReqState, key: str, values: Sequence[float]) -> None:
+        """One call's figures (_EMPTY_RECORD's fields) into the request's and the server-wide
+        record of `key`, each decayed first."""
         for record, decay in ((st.calib, self.CALIBRATION_DECAY), (self._global, self.GLOBAL_DECAY)):
-            c = record.setdefault(source, list(_EMPTY_RECORD))
-            for j in range(len(c)):
-                c[j] *= decay
-            c[2] += 1.0
+            c = record.setdefault(key, list(_EMPTY_RECORD))
+            for j, x in enumerate(values):
+                c[j] = decay * c[j] + x
 
     def _back_off(self, st: _ReqState, source: str, batch_size: int = 1) -> None:
         """No drafts from `source` for this request for a while, doubling up to the cap, when its
