@@ -7,7 +7,11 @@ For each (context P, tree size n, dtype) it times the verify-pass attention of n
 - dense:      flashinfer_ext.reference.dense_tree_verify_attention: concat K/V, build the dense
               [n, P + n] mask, one masked attention (blocked CPU flash kernel with an additive mask);
 - sdpa_dense: torch scaled_dot_product_attention with a boolean [n, P + n] mask and enable_gqa,
-              which is what a plain PyTorch backend does for a verify pass.
+              which is what a plain PyTorch backend does for a verify pass;
+- single_pass: what the longspec_cpu backend does for a short verify request
+              (VERIFY_SINGLE_PASS_MAX_KEYS): one scaled_dot_product_attention over K/V that already
+              lie in one run of cache slots (prefix then draft), under an additive [n, P + n] mask
+              made once per step (neither is timed).
 
 Usage:
     python benchmarks/bench_verify_attention_cpu.py                       # full table
@@ -49,6 +53,23 @@ def sdpa_dense(q, kp, vp, kt, vt, tm, scale):
     k = torch.cat([kp, kt]).transpose(0, 1)  # [Hkv, P+n, D]
     v = torch.cat([vp, vt]).transpose(0, 1)
     o = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=mask, scale=scale,
+                                       enable_gqa=True)
+    return o.transpose(0, 1)
+
+
+def single_pass_inputs(kp, vp, kt, vt, tm):
+    """K/V as the cache holds them for a request whose draft slots follow its prefix (one run),
+    and the additive mask the backend plans once per step."""
+    n, p = tm.shape[0], kp.shape[0]
+    bias = torch.zeros(n, p + n, dtype=kp.dtype)
+    bias[:, p:].masked_fill_(~tm, float("-inf"))
+    k = torch.cat([kp, kt]).transpose(0, 1)  # [Hkv, P+n, D]
+    v = torch.cat([vp, vt]).transpose(0, 1)
+    return k, v, bias
+
+
+def single_pass(q, k, v, bias, scale):
+    o = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=bias, scale=scale,
                                        enable_gqa=True)
     return o.transpose(0, 1)
 
@@ -109,6 +130,8 @@ def main(argv=None) -> int:
                        "dense": lambda: dense_tree_verify_attention(q, kp, vp, kt, vt, tm, scale)}
                 if not args.no_sdpa:
                     fns["sdpa_dense"] = lambda: sdpa_dense(q, kp, vp, kt, vt, tm, scale)
+                k1, v1, bias = single_pass_inputs(kp, vp, kt, vt, tm)
+                fns["single_pass"] = lambda: single_pass(q, k1, v1, bias, scale)
                 r = dict(dtype=dname, P=p, n=n, **time_interleaved(fns, args.reps))
                 rows.append(r)
                 print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}),
@@ -119,13 +142,13 @@ def main(argv=None) -> int:
             f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
             f"min of {args.reps} interleaved rounds, 1-min load average at the end {load:.1f}; "
             f"wall = elapsed ms, cpu = process CPU ms (all threads)")
-    meths = ["hybrid", "dense"] + ([] if args.no_sdpa else ["sdpa_dense"])
+    meths = ["hybrid", "dense"] + ([] if args.no_sdpa else ["sdpa_dense"]) + ["single_pass"]
     cols = ["dtype", "P", "n"] + [f"{m} wall" for m in meths] + [f"{m} cpu" for m in meths]
     cols += [f"{m}/hybrid wall" for m in meths[1:]] + [f"{m}/hybrid cpu" for m in meths[1:]]
     lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = [r["dtype"], str(r["P"]), str(r["n"])]
-        cells += [f"{r[m + '_ms']:.1f}" for m in meths] + [f"{r[m + '_cpu_ms']:.1f}" for m in meths]
+        cells += [f"{r[m + '_ms']:.2f}" for m in meths] + [f"{r[m + '_cpu_ms']:.2f}" for m in meths]
         cells += [f"{r[m + '_ms'] / r['hybrid_ms']:.2f}x" for m in meths[1:]]
         cells += [f"{r[m + '_cpu_ms'] / r['hybrid_cpu_ms']:.2f}x" for m in meths[1:]]
         lines.append("| " + " | ".join(cells) + " |")

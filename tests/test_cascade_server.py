@@ -39,7 +39,7 @@ def test_fleet_over_a_shared_context_uses_the_shared_level_and_matches_single_re
     stats = json.loads(stats_file.read_text())
     for i, (a, f) in enumerate(zip(alone, fleet)):
         assert f["output_ids"] == a["output_ids"], f"request {i} differs in the fleet"
-    grew = {k: stats[k] - before[k] for k in stats if k.startswith("cascade_")}
+    grew = {k: stats[k] - before[k] for k in stats if k.startswith(("cascade_", "verify_attention_"))}
     # the shared level ran on verify steps (drafts verified against one copy of the context) and
     # on plain decode steps or prefill, with groups of several requests sharing > 256 slots
     assert grew["cascade_verify_groups"] > 0, grew
@@ -49,3 +49,7 @@ def test_fleet_over_a_shared_context_uses_the_shared_level_and_matches_single_re
     assert not stats["fallbacks"], stats["fallbacks"]
     # the singles formed no group: everything counted came from the fleet
     assert before["cascade_verify_groups"] == 0 and before["cascade_decode_groups"] == 0, before
+    # the singles (~700 keys, no group) were verified in one attention call per request, the
+    # fleet's grouped requests by the split path with the shared level: both give the same tokens
+    assert before["verify_attention_single_pass"] > 0, before
+    assert grew["verify_attention_split"] > 0, grew

@@ -392,10 +392,16 @@ def _dense_reference(q, k_all, v_all, allowed, scale):
 
 
 @pytest.mark.parametrize("layout", ["cpu", "full_mask"])
-def test_backend_target_verify_plan_and_output(attn, layout):
+@pytest.mark.parametrize("max_keys,single,moved", [(0, 0, False), (12, 2, False), (1536, 3, False),
+                                                   (1536, 0, True)])
+def test_backend_target_verify_plan_and_output(attn, monkeypatch, layout, max_keys, single, moved):
     """init_forward_metadata + forward_extend in TARGET_VERIFY mode on a fake model runner: the
     draft tokens attend to the whole committed prefix (scattered KV slots included) and to their
-    tree ancestors only, for both NGRAM mask layouts."""
+    tree ancestors only, for both NGRAM mask layouts, whether a request takes one attention call
+    over its whole KV (prefix + draft keys <= max_keys: the requests of 9 and 7 keys at 12, all three
+    at 1536) or the split path (the one of 15 keys at 12; all at 0; all when the draft KV was
+    written to other slots than its req_to_token row's, `moved`)."""
+    monkeypatch.setattr(attn, "VERIFY_SINGLE_PASS_MAX_KEYS", max_keys)
     from sglang.srt.layers.radix_attention import AttentionType
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
@@ -426,13 +432,19 @@ def test_backend_target_verify_plan_and_output(attn, layout):
     masks = _ngram_masks(rng, bs, n)
     flat = _cpu_layout(masks) if layout == "cpu" else _full_mask_layout(masks, seq_lens)
     out_cache_loc = torch.cat([req_to_token[r, s: s + n] for r, s in zip(rows, seq_lens)]).long()
+    if moved:
+        out_cache_loc = torch.tensor([free.pop() for _ in range(bs * n)], dtype=torch.int64)
     fb = SimpleNamespace(
         forward_mode=ForwardMode.TARGET_VERIFY, encoder_lens=None, out_cache_loc=out_cache_loc,
         req_pool_indices=torch.tensor(rows), seq_lens=torch.tensor(seq_lens),
         seq_lens_cpu=torch.tensor(seq_lens),
         spec_info=SimpleNamespace(draft_token_num=n, custom_mask=flat))
+    before = dict(attn.VERIFY_PATH_COUNTS)
     backend.init_forward_metadata(fb)
     plan = backend.plan
+    assert attn.VERIFY_PATH_COUNTS["single_pass"] - before["single_pass"] == single
+    assert attn.VERIFY_PATH_COUNTS["split"] - before["split"] == bs - single
+    assert len(plan.single_pass) == single
     assert plan.mode == "verify" and plan.q_lens == [n] * bs
     assert [p.length for p in plan.prefix] == seq_lens
     assert plan.prefix[1].index is None  # contiguous slots -> zero-copy slice
@@ -448,8 +460,10 @@ def test_backend_target_verify_plan_and_output(attn, layout):
 
     for b, (r, s) in enumerate(zip(rows, seq_lens)):
         slots_b = req_to_token[r, : s + n].long()
-        assert torch.equal(k_cache[slots_b[s:]], k_new[b * n:(b + 1) * n].view(n, hkv, d))
+        new_b = slice(b * n, (b + 1) * n)
+        assert torch.equal(k_cache[out_cache_loc[new_b]], k_new[new_b].view(n, hkv, d))
         allowed = torch.cat([torch.ones(n, s, dtype=torch.bool), masks[b]], 1)
-        ref = _dense_reference(q[b * n:(b + 1) * n].view(n, hq, d), k_cache[slots_b],
-                               v_cache[slots_b], allowed, d ** -0.5)
-        torch.testing.assert_close(out[b * n:(b + 1) * n].double(), ref, atol=2e-5, rtol=1e-4)
+        keys = torch.cat([k_cache[slots_b[:s]], k_new[new_b].view(n, hkv, d)])
+        values = torch.cat([v_cache[slots_b[:s]], v_new[new_b].view(n, hkv, d)])
+        ref = _dense_reference(q[new_b].view(n, hq, d), keys, values, allowed, d ** -0.5)
+        torch.testing.assert_close(out[new_b].double(), ref, atol=2e-5, rtol=1e-4)

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from sgl_longspec.adapter.request_params import opted_out
-from sgl_longspec.attention.cpu_hybrid import ATTENTION_MS, CASCADE_COUNTS
+from sgl_longspec.attention.cpu_hybrid import ATTENTION_MS, CASCADE_COUNTS, VERIFY_PATH_COUNTS
 
 
 def attention_ms() -> dict:
@@ -21,6 +21,12 @@ def attention_ms() -> dict:
 def cascade_counts() -> dict:
     """The CPU backend's cascade counters (shared-prefix groups planned; zero unless in use)."""
     return {f"cascade_{name}": n for name, n in CASCADE_COUNTS.items()}
+
+
+def verify_path_counts() -> dict:
+    """Verify requests the CPU backend attended in one call or by the split path (zero unless in
+    use)."""
+    return {f"verify_attention_{path}": n for path, n in VERIFY_PATH_COUNTS.items()}
 
 
 _PROFILE_DIR = os.environ.get("LONGSPEC_TORCH_PROFILE_DIR")

@@ -33,7 +33,8 @@ from sgl_longspec.adapter.corpus_service import CorpusService
 from sgl_longspec.adapter.loading import load_owl_drafter, load_startup_corpus
 from sgl_longspec.adapter.radix_paths import radix_path
 from sgl_longspec.adapter.observability import (attention_ms, cascade_counts, maybe_torch_profile,
-                                                record_request_steps, write_stats_file)
+                                                record_request_steps, verify_path_counts,
+                                                write_stats_file)
 from sgl_longspec.adapter.request_params import (batch_needs_engine_sampler, custom_processors,
                                                  finished_ok, logit_rules, opted_out,
                                                  redraw_seeded_first_tokens, request_seed,
@@ -126,7 +127,7 @@ class LongSpecWorker(sglang_compat.name("BaseSpecWorker")):
 
     def stats(self) -> dict:
         return {**self.controller.stats(), "tp_broadcasts": self.tp.broadcasts, **attention_ms(),
-                **cascade_counts()}
+                **cascade_counts(), **verify_path_counts()}
 
     def _write_stats(self) -> None:
         write_stats_file(self.stats_file, self.stats())

@@ -10,6 +10,8 @@ registered under its own name `longspec_cpu` (sgl_longspec.attention.registratio
   and to the new tokens under a small [n, n] mask (causal for prefill chunks, the draft tree mask
   for verify); the two partial results are merged by their log-sum-exps. This is the hybrid tree
   attention of LongSpec; the math lives in flashinfer_ext.reference, which the GPU kernels match.
+  A short verify request (VERIFY_SINGLE_PASS_MAX_KEYS) instead takes one call over its whole KV
+  under an additive mask: on a small model and a short context the split's fixed cost dominates.
 
 Cascade over radix-shared prefixes (sgl_longspec.attention.cascade): requests whose committed KV starts with
 the same run long enough for the group's size (CASCADE_MIN_SHARED) form a group; each layer attends all query rows
@@ -47,6 +49,15 @@ from sgl_longspec.verify.layout import VerifyLayout
 CASCADE_MIN_SHARED_BY_SIZE = MinShared(((2, 3072), (4, 2048), (8, 1536), (16, 1024)))
 CASCADE_MIN_SHARED = (MinShared.fixed(int(os.environ["LONGSPEC_CASCADE_MIN_SHARED"]))
                       if os.environ.get("LONGSPEC_CASCADE_MIN_SHARED") else CASCADE_MIN_SHARED_BY_SIZE)
+# Most keys (committed prefix + draft) for which a verify request takes ONE attention call over
+# its whole KV under an additive [n, P + n] mask instead of the split path (unmasked prefix, masked
+# tree, LSE merge: three kernels and ~20 small ops). On short contexts the split path's fixed
+# cost dominates: on this 2-core CPU, one layer of a 135M model (Hq 9, Hkv 3, D 64, n = 2-8, one
+# thread), one call takes 0.22-0.27x the split path's CPU time at 256 keys, 0.5x at 1K, 0.7-0.8x
+# at 2-2.5K, and 0.94-1.31x from 3K on, where the split path's packed prefix kernel wins
+# (benchmarks/results/verify_attention_cpu/small_model/). LONGSPEC_VERIFY_SINGLE_PASS_MAX_KEYS=N
+# overrides it (0 turns it off).
+VERIFY_SINGLE_PASS_MAX_KEYS = int(os.environ.get("LONGSPEC_VERIFY_SINGLE_PASS_MAX_KEYS", "2560"))
 
 
 @dataclass
@@ -83,12 +94,31 @@ class _SharedLevel:
 
 
 @dataclass
+class _SinglePass:
+    """One verify request attended in one call over its whole KV."""
+
+    kv: _ReqKV
+    bias: torch.Tensor  # float32 [n, P + n]: 0 where a query may attend, -inf elsewhere
+    _cast: dict = field(default_factory=dict)  # bias in other dtypes, made once per step
+
+    def bias_as(self, dtype: torch.dtype) -> torch.Tensor:
+        if dtype == self.bias.dtype:
+            return self.bias
+        if dtype not in self._cast:
+            self._cast[dtype] = self.bias.to(dtype)
+        return self._cast[dtype]
+
+
+@dataclass
 class _BatchPlan:
     mode: str  # "decode", "extend", "verify"
     q_lens: list[int]  # new tokens (queries) per request
     prefix: list[_ReqKV]  # committed KV attended without a mask (after the shared level, if any)
     masks: list[Optional[torch.Tensor]]  # [n, n] bool over the new tokens; None = causal
     shared: list[_SharedLevel] = field(default_factory=list)
+    # verify requests attended in one call (see VERIFY_SINGLE_PASS_MAX_KEYS): request -> its
+    # whole KV (prefix and draft slots) and the additive [n, P + n] mask over it
+    single_pass: dict[int, _SinglePass] = field(default_factory=dict)
 
 
 def _plan(mode: str, q_lens: list[int], prefixes: list[torch.Tensor],
@@ -114,6 +144,31 @@ def _plan(mode: str, q_lens: list[int], prefixes: list[torch.Tensor],
     return _BatchPlan(mode, q_lens, rest, masks, shared)
 
 
+def _single_pass_plan(plan: _BatchPlan, rows: list[int], req_to_token: torch.Tensor,
+                      seq_lens: list[int], out_cache_loc: Optional[torch.Tensor]) -> None:
+    """Mark the verify requests of `plan` that take one attention call over their whole KV: short
+    enough (VERIFY_SINGLE_PASS_MAX_KEYS), in no shared level, and whose draft KV went to the slots
+    that follow their prefix in their req_to_token row (checked against out_cache_loc, so a verify
+    input that writes elsewhere keeps the split path)."""
+    if out_cache_loc is None or VERIFY_SINGLE_PASS_MAX_KEYS <= 0:
+        VERIFY_PATH_COUNTS["split"] += len(plan.q_lens)
+        return
+    in_shared = {i for level in plan.shared for i in level.members}
+    loc = out_cache_loc.to(torch.int64)
+    start = 0
+    for i, (r, s, n, mask) in enumerate(zip(rows, seq_lens, plan.q_lens, plan.masks)):
+        end = start + n
+        if (i not in in_shared and mask is not None and 0 < n and s + n <= VERIFY_SINGLE_PASS_MAX_KEYS):
+            slots = req_to_token[r, : s + n].to(torch.int64)
+            if torch.equal(slots[s:], loc[start:end]):
+                bias = torch.zeros(n, s + n, dtype=torch.float32)
+                bias[:, s:].masked_fill_(~mask.to(torch.bool), float("-inf"))
+                plan.single_pass[i] = _SinglePass(_req_kv(slots), bias)
+        start = end
+    VERIFY_PATH_COUNTS["single_pass"] += len(plan.single_pass)
+    VERIFY_PATH_COUNTS["split"] += len(plan.q_lens) - len(plan.single_pass)
+
+
 # Wall time spent inside this backend's attention, per plan mode ("decode", "verify", "extend"),
 # in ms: the LONGSPEC worker reports it in its stats so that a verify step's profile can separate
 # attention from the rest of the forward (benchmarks/profile_verify_step.py).
@@ -122,6 +177,8 @@ ATTENTION_MS: dict[str, float] = {"decode": 0.0, "verify": 0.0, "extend": 0.0}
 # groups formed, requests in them, shared slots; tests read them to see that the shared level ran.
 CASCADE_COUNTS: dict[str, int] = {f"{mode}_{what}": 0 for mode in ("decode", "verify", "extend")
                                   for what in ("batches", "groups", "group_requests", "shared_tokens")}
+# Verify requests (per planned batch) attended in one call or by the split path; tests read them.
+VERIFY_PATH_COUNTS: dict[str, int] = {"single_pass": 0, "split": 0}
 
 
 class LongSpecCPUAttnBackend(TorchNativeAttnBackend):
@@ -143,6 +200,8 @@ class LongSpecCPUAttnBackend(TorchNativeAttnBackend):
             q_lens, masks = _verify_layout(forward_batch.spec_info, seq_lens)
             prefixes = [req_to_token[r, :s] for r, s in zip(rows, seq_lens)]
             self.plan = _plan("verify", q_lens, prefixes, masks, CASCADE_MIN_SHARED)
+            _single_pass_plan(self.plan, rows, req_to_token, seq_lens,
+                              getattr(forward_batch, "out_cache_loc", None))
         elif mode in (ForwardMode.EXTEND, ForwardMode.MIXED):
             pre = forward_batch.extend_prefix_lens_cpu
             ext = forward_batch.extend_seq_lens_cpu
@@ -201,7 +260,14 @@ class LongSpecCPUAttnBackend(TorchNativeAttnBackend):
         for i, (n, pre, mask) in enumerate(zip(self.plan.q_lens, self.plan.prefix, self.plan.masks)):
             end = start + n
             kn, vn = k_new[start:end], v_new[start:end]
-            if pre.length == 0 and mask is None and i not in shared:
+            single = self.plan.single_pass.get(i) if save_kv_cache else None
+            if single is not None:
+                ks, vs = single.kv.gather(k_cache), single.kv.gather(v_cache)
+                if ks.dtype != q_.dtype:
+                    ks, vs = ks.to(q_.dtype), vs.to(q_.dtype)
+                out[start:end] = _sdpa(q_[start:end], ks, vs, layer.scaling, causal=False,
+                                       bias=single.bias_as(q_.dtype))
+            elif pre.length == 0 and mask is None and i not in shared:
                 out[start:end] = _sdpa(q_[start:end], kn, vn, layer.scaling, causal=True)
             else:
                 kp, vp = pre.gather(k_cache), pre.gather(v_cache)
@@ -244,12 +310,14 @@ class LongSpecCPUAttnBackend(TorchNativeAttnBackend):
         return out.reshape(q.shape[0], hq * d)
 
 
-def _sdpa(q, k, v, scale, causal):
-    """q [n, Hq, D], k/v [m, Hkv, D] -> [n, Hq, D] (top-left causal only when n == m)."""
+def _sdpa(q, k, v, scale, causal, bias=None):
+    """q [n, Hq, D], k/v [m, Hkv, D] -> [n, Hq, D] (top-left causal only when n == m; bias: an
+    additive [n, m] mask)."""
     o = scaled_dot_product_attention(
         q.transpose(0, 1).unsqueeze(0),
         k.transpose(0, 1).unsqueeze(0),
         v.transpose(0, 1).unsqueeze(0),
+        attn_mask=bias,
         is_causal=causal,
         scale=scale,
         enable_gqa=q.shape[1] != k.shape[1],
