@@ -32,6 +32,9 @@ class StepCostModel:
         self.observations = 0
 
     TYPICAL_TOKENS = 16.0  # scale of the token feature, for the ridge prior
+    # Physical bounds: a step costs something; tokens and the verify path cost nothing negative.
+    LOWER_BOUNDS = np.array([1e-3, 0.0, 0.0])
+
     def observe(self, tokens: int, ms: float, verify: bool) -> None:
         if tokens <= 0 or not (ms > 0.0) or not np.isfinite(ms):
             return
@@ -45,12 +48,7 @@ class StepCostModel:
         # The prior weighs as much as `prior_weight` steps (the token feature on its own scale).
         lhs = self._xtx + self._ridge
         rhs = self._xty + self._ridge @ self._prior
-        theta = np.linalg.solve(lhs, rhs)
-        # Physical bounds: a step costs something; tokens and the verify path cost nothing negative.
-        theta[0] = max(theta[0], 1e-3)
-        theta[1] = max(theta[1], 0.0)
-        theta[2] = max(theta[2], 0.0)
-        self._theta = theta
+        self._theta = _least_squares_above(lhs, rhs, self.LOWER_BOUNDS)
 
     @property
     def params(self) -> Optional[tuple[float, float, float]]:
@@ -80,3 +78,27 @@ class StepCostModel:
         plain = batch_size / (a + b * batch_size)
         spec = (batch_size + expected_tokens) / (a + b * (batch_size + draft_tokens) + c)
         return spec / plain
+
+
+def _least_squares_above(lhs: np.ndarray, rhs: np.ndarray, lower: np.ndarray) -> np.ndarray:
+    """argmin of theta' lhs theta - 2 theta' rhs subject to theta >= lower (lhs positive definite).
+
+    Clamping the unconstrained solution is not this minimum: when timings say the verify path
+    costs "less than nothing" (c < 0), clamping c to 0 keeps the a and b that were fitted to go
+    with a negative c, and the model then overestimates every step. The problem is tiny, so every
+    choice of coefficients held at their bound is solved and the best feasible one kept."""
+    k = len(rhs)
+    best, best_obj = None, np.inf
+    for held in range(1 << k):
+        free = [i for i in range(k) if not held >> i & 1]
+        theta = lower.astype(float).copy()
+        if free:
+            fixed = [i for i in range(k) if held >> i & 1]
+            sub_rhs = rhs[free] - lhs[np.ix_(free, fixed)] @ theta[fixed]
+            theta[free] = np.linalg.solve(lhs[np.ix_(free, free)], sub_rhs)
+        if np.any(theta < lower - 1e-12):
+            continue
+        obj = float(theta @ lhs @ theta - 2.0 * theta @ rhs)
+        if obj < best_obj:
+            best, best_obj = theta, obj
+    return np.maximum(best, lower)
