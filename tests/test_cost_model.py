@@ -8,7 +8,7 @@ import random
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from sgl_longspec.step.cost_model import StepCostModel, _least_squares_above
+from sgl_longspec.step.cost_model import StepCostModel
 
 
 def _objective(lhs, rhs, theta):
