@@ -257,14 +257,22 @@ def run_sessions(base_url: str, tok, sessions: list[W.Session], concurrency: int
     return records, time.perf_counter() - t0
 
 
-def drafts_by_shape(stats_file: Path) -> dict[str, int]:
-    """Verified drafts per shape (chain / tree) so far, from the LONGSPEC server's stats file
-    ({} for other servers, or before its first step)."""
+def server_counts(stats_file: Path) -> dict[str, dict[str, int]]:
+    """The LONGSPEC server's running counts so far, from its stats file: verified drafts per shape
+    (chain / tree) and drafts the router did not verify, per reason (empty for other servers, or
+    before the first step). A cell's counts are the difference across it."""
     try:
         stats = json.loads(Path(stats_file).read_text())
     except (OSError, ValueError):
-        return {}
-    return {shape: int(v.get("drafts", 0)) for shape, v in (stats.get("by_shape") or {}).items()}
+        stats = {}
+    return {"drafts_by_shape": {shape: int(v.get("drafts", 0))
+                                for shape, v in (stats.get("by_shape") or {}).items()},
+            "refusals": {reason: int(n) for reason, n in (stats.get("refusals") or {}).items()}}
+
+
+def drafts_by_shape(stats_file: Path) -> dict[str, int]:
+    """Verified drafts per shape so far (see server_counts)."""
+    return server_counts(stats_file)["drafts_by_shape"]
 
 
 def aggregate(records: list[dict], wall: float) -> dict:
@@ -447,7 +455,7 @@ def _summed(counts) -> dict:
 def run_config(phase: Phase, args, out_dir: Path, results: dict, run: dict, tag: str, plan: dict,
                tok, context_len: int, model_folder: str, total_turns: int, rnd: int) -> dict:
     """One configuration's server, every cell of the phase on it: {cell: (requests, wall s,
-    verified drafts by shape)}. Requests are appended to run["requests"]; a failure is recorded
+    server_counts over the cell)}. Requests are appended to run["requests"]; a failure is recorded
     in the run and the notes, and ends this configuration only."""
     from tqdm import tqdm
 
@@ -470,17 +478,17 @@ def run_config(phase: Phase, args, out_dir: Path, results: dict, run: dict, tag:
                 for spec in phase.workloads:
                     if (spec.name, conc) not in plan:
                         continue
-                    shapes_before = drafts_by_shape(stats_file)
+                    before = server_counts(stats_file)
                     recs, wall = run_sessions(srv.base_url, tok, plan[(spec.name, conc)], conc,
                                               context_len, bar)
-                    shapes = {k: n - shapes_before.get(k, 0)
-                              for k, n in drafts_by_shape(stats_file).items()}
+                    counts = {name: {k: n - before[name].get(k, 0) for k, n in now.items()}
+                              for name, now in server_counts(stats_file).items()}
                     flush_cache(srv.base_url)
                     key = f"{spec.name}@c{conc}"
                     for r in recs:
                         r.update(concurrency=conc, cell=key, round=rnd)
                     run["requests"].extend(recs)
-                    cells[key] = (recs, wall, shapes)
+                    cells[key] = (recs, wall, counts)
             bar.close()
             if args.bench_serving:
                 run["bench_serving"] = {}
@@ -538,14 +546,14 @@ def run_phase(phase: Phase, args, out_dir: Path, results: dict) -> None:
             t_cfg = time.time()
             cells = run_config(phase, args, out_dir, results, run, tag, plan, tok, context_len,
                                model_folder, total_turns, rnd)
-            run["rounds"].append({key: {**aggregate(recs, wall), "drafts_by_shape": shapes}
-                                  for key, (recs, wall, shapes) in cells.items()})
+            run["rounds"].append({key: {**aggregate(recs, wall), **counts}
+                                  for key, (recs, wall, counts) in cells.items()})
             for key in cells:
                 pooled = [r for r in run["requests"] if r["cell"] == key]
                 this_cell = [rd[key] for rd in run["rounds"] if key in rd]
                 run["results"][key] = aggregate(pooled, sum(c["wall_s"] for c in this_cell))
-                run["results"][key]["drafts_by_shape"] = _summed(c["drafts_by_shape"]
-                                                                 for c in this_cell)
+                for name in ("drafts_by_shape", "refusals"):
+                    run["results"][key][name] = _summed(c.get(name, {}) for c in this_cell)
                 if key.startswith("longdoc@"):
                     for b in sorted({r["label"] for r in pooled}, key=lambda x: W.BUCKETS[x]):
                         sub = [r for r in pooled if r["label"] == b]

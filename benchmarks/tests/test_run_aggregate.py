@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from benchmarks.run import aggregate, drafts_by_shape
+from benchmarks.run import aggregate, drafts_by_shape, server_counts
 
 
 def _rec(n, ver, error=False):
@@ -33,6 +33,15 @@ def test_drafts_by_shape_from_the_stats_file(tmp_path):
     assert drafts_by_shape(f) == {"chain": 7, "tree": 2}
 
 
+def test_server_counts_give_shapes_and_refusals(tmp_path):
+    f = tmp_path / "stats.json"
+    assert server_counts(f) == {"drafts_by_shape": {}, "refusals": {}}
+    f.write_text(json.dumps({"by_shape": {"chain": {"drafts": 3}},
+                             "refusals": {"unprofitable": 5, "batch_budget": 1}}))
+    assert server_counts(f) == {"drafts_by_shape": {"chain": 3},
+                                "refusals": {"unprofitable": 5, "batch_budget": 1}}
+
+
 def test_rounds_pool_each_cell_and_give_the_ratio_per_round(monkeypatch, tmp_path):
     """--rounds 2: each configuration's server runs twice in turn; a cell's figures pool both
     rounds (tokens over the summed walls), its ratio to vanilla is also given per round (whose
@@ -47,6 +56,9 @@ def test_rounds_pool_each_cell_and_give_the_ratio_per_round(monkeypatch, tmp_pat
     def fake_sessions(base_url, tok, sessions, concurrency, context_len, progress=None):
         cfg, rnd = base_url.rsplit("/", 1)[1], len([c for c in calls if c == base_url])
         calls.append(base_url)
+        if cfg == "longspec":  # the server's running counts, as its stats file has them
+            stats = tmp_path / "logs" / f"suite-longspec-r{rnd + 1}-longspec-stats.json"
+            stats.write_text(json.dumps({"refusals": {"unprofitable": 3 + rnd}}))
         recs = [dict(_rec(10, 5), sid=s.sid, workload=s.workload, label=s.label, turn=k,
                      text_sha="same" if (cfg, rnd) != ("longspec", 1) or k else "other")
                 for s in sessions for k in range(len(s.turns))]
@@ -76,5 +88,9 @@ def test_rounds_pool_each_cell_and_give_the_ratio_per_round(monkeypatch, tmp_pat
     assert abs(spec["speedup_vs_vanilla"] - 6.0 / 5.0) < 1e-9
     assert spec["speedup_vs_vanilla_rounds"] == [2.0, 1.0]
     assert runs["longspec"]["output_match_vs_vanilla"] == {"same": 6, "different": 2}
+    # the router's refusals over each cell: per round, and pooled over the rounds
+    assert [rd["chat@c2"]["refusals"] for rd in runs["longspec"]["rounds"]] == [
+        {"unprofitable": 3}, {"unprofitable": 4}]
+    assert spec["refusals"] == {"unprofitable": 7} and van["refusals"] == {}
     assert "(1.00-2.00, 2 rounds)" in R.markdown({"title": "t", "command": "c", "date": "d",
                                                    "machine": "m", **results})
