@@ -73,6 +73,14 @@ class _ReqKV:
             return cache[self.start : self.start + self.length]
         return cache.index_select(0, self.index)
 
+    def keys_values(self, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Its K and V, in the queries' dtype (a copy only where the cache's dtype differs)."""
+        k, v = self.gather(k_cache), self.gather(v_cache)
+        if k.dtype != dtype:
+            k, v = k.to(dtype), v.to(dtype)
+        return k, v
+
 
 def _req_kv(slots: torch.Tensor) -> _ReqKV:
     n = slots.numel()
@@ -219,9 +227,7 @@ class LongSpecCPUAttnBackend(TorchNativeAttnBackend):
         v_cache = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
         states = {}
         for level in self.plan.shared:
-            ks, vs = level.kv.gather(k_cache), level.kv.gather(v_cache)
-            if ks.dtype != q_.dtype:
-                ks, vs = ks.to(q_.dtype), vs.to(q_.dtype)
+            ks, vs = level.kv.keys_values(k_cache, v_cache, q_.dtype)
             o, lse = attention_with_lse(q_.index_select(0, level.rows), ks, vs, layer.scaling)
             start = 0
             for i in level.members:
@@ -262,17 +268,13 @@ class LongSpecCPUAttnBackend(TorchNativeAttnBackend):
             kn, vn = k_new[start:end], v_new[start:end]
             single = self.plan.single_pass.get(i) if save_kv_cache else None
             if single is not None:
-                ks, vs = single.kv.gather(k_cache), single.kv.gather(v_cache)
-                if ks.dtype != q_.dtype:
-                    ks, vs = ks.to(q_.dtype), vs.to(q_.dtype)
+                ks, vs = single.kv.keys_values(k_cache, v_cache, q_.dtype)
                 out[start:end] = _sdpa(q_[start:end], ks, vs, layer.scaling, causal=False,
                                        bias=single.bias_as(q_.dtype))
             elif pre.length == 0 and mask is None and i not in shared:
                 out[start:end] = _sdpa(q_[start:end], kn, vn, layer.scaling, causal=True)
             else:
-                kp, vp = pre.gather(k_cache), pre.gather(v_cache)
-                if kp.dtype != q_.dtype:
-                    kp, vp = kp.to(q_.dtype), vp.to(q_.dtype)
+                kp, vp = pre.keys_values(k_cache, v_cache, q_.dtype)
                 tree_mask = mask if mask is not None else _causal(n, q_.device)
                 o, lse = hybrid_tree_attention(q_[start:end], kp, vp, kn, vn, tree_mask,
                                                layer.scaling, return_lse=True)
@@ -298,9 +300,7 @@ class LongSpecCPUAttnBackend(TorchNativeAttnBackend):
         out = torch.empty_like(q_)
         shared = self._shared_states(q_, layer)
         for i, pre in enumerate(self.plan.prefix):
-            kp, vp = pre.gather(k_cache), pre.gather(v_cache)
-            if kp.dtype != q_.dtype:
-                kp, vp = kp.to(q_.dtype), vp.to(q_.dtype)
+            kp, vp = pre.keys_values(k_cache, v_cache, q_.dtype)
             if i in shared:
                 o, lse = attention_with_lse(q_[i : i + 1], kp, vp, layer.scaling)
                 out[i : i + 1] = merge_attention_states(o, lse, *shared[i])[0]
