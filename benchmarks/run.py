@@ -270,11 +270,6 @@ def server_counts(stats_file: Path) -> dict[str, dict[str, int]]:
             "refusals": {reason: int(n) for reason, n in (stats.get("refusals") or {}).items()}}
 
 
-def drafts_by_shape(stats_file: Path) -> dict[str, int]:
-    """Verified drafts per shape so far (see server_counts)."""
-    return server_counts(stats_file)["drafts_by_shape"]
-
-
 def aggregate(records: list[dict], wall: float) -> dict:
     ok = [r for r in records if "error" not in r]
     n_out = sum(r["completion_tokens"] for r in ok)

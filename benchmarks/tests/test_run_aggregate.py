@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from benchmarks.run import aggregate, drafts_by_shape, server_counts
+from benchmarks.run import aggregate, server_counts
 
 
 def _rec(n, ver, error=False):
@@ -23,22 +23,16 @@ def test_tau_sums_over_the_cells_requests():
     assert agg["tau"] == 70 / (10 + 20 + 10)  # no verify count: one step per token
 
 
-def test_drafts_by_shape_from_the_stats_file(tmp_path):
+def test_server_counts_from_the_stats_file(tmp_path):
     f = tmp_path / "stats.json"
-    assert drafts_by_shape(f) == {}  # no file yet (a plain server, or before the first step)
+    nothing = {"drafts_by_shape": {}, "refusals": {}}
+    assert server_counts(f) == nothing  # no file yet (a plain server, or before the first step)
     f.write_text("{not json")
-    assert drafts_by_shape(f) == {}  # caught mid-write
+    assert server_counts(f) == nothing  # caught mid-write
     f.write_text(json.dumps({"by_shape": {"chain": {"drafts": 7, "accepted": 9},
-                                          "tree": {"drafts": 2}}}))
-    assert drafts_by_shape(f) == {"chain": 7, "tree": 2}
-
-
-def test_server_counts_give_shapes_and_refusals(tmp_path):
-    f = tmp_path / "stats.json"
-    assert server_counts(f) == {"drafts_by_shape": {}, "refusals": {}}
-    f.write_text(json.dumps({"by_shape": {"chain": {"drafts": 3}},
+                                          "tree": {"drafts": 2}},
                              "refusals": {"unprofitable": 5, "batch_budget": 1}}))
-    assert server_counts(f) == {"drafts_by_shape": {"chain": 3},
+    assert server_counts(f) == {"drafts_by_shape": {"chain": 7, "tree": 2},
                                 "refusals": {"unprofitable": 5, "batch_budget": 1}}
 
 
