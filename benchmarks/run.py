@@ -65,6 +65,9 @@ CONFIGS: dict[str, list[str]] = {
     # LONGSPEC drafting as usual but verifying nothing (every draft refused by the router): what
     # speculation costs on traffic it cannot help; must be within a few percent of vanilla.
     "longspec-refuse": ["--speculative-algorithm", "LONGSPEC", "--longspec-min-score", "1000"],
+    # LONGSPEC calibrating its drafters from verified drafts only (refused drafts not scored
+    # against the output): the comparison for --longspec-learn-from-refused.
+    "longspec-verified-only": ["--speculative-algorithm", "LONGSPEC", "--longspec-learn-from-refused", "false"],
     # The draft's shape chosen per request and step (chain or tree), against the fixed chains above.
     "longspec-auto": ["--speculative-algorithm", "LONGSPEC", "--longspec-draft-shape", "auto"],
 }
@@ -257,9 +260,14 @@ def run_sessions(base_url: str, tok, sessions: list[W.Session], concurrency: int
     return records, time.perf_counter() - t0
 
 
-def server_counts(stats_file: Path) -> dict[str, dict[str, int]]:
+# the fields of a drafter's refused drafts scored against the output (Counters.refused_scored)
+REFUSED_SCORED_FIELDS = ("drafts", "tokens", "expected", "accepted")
+
+
+def server_counts(stats_file: Path) -> dict[str, dict[str, float]]:
     """The LONGSPEC server's running counts so far, from its stats file: verified drafts per shape
-    (chain / tree) and drafts the router did not verify, per reason (empty for other servers, or
+    (chain / tree), drafts the router did not verify, per reason, and those scored against the
+    output per drafter ("<source>:<field>", REFUSED_SCORED_FIELDS) (empty for other servers, or
     before the first step). A cell's counts are the difference across it."""
     try:
         stats = json.loads(Path(stats_file).read_text())
@@ -267,7 +275,10 @@ def server_counts(stats_file: Path) -> dict[str, dict[str, int]]:
         stats = {}
     return {"drafts_by_shape": {shape: int(v.get("drafts", 0))
                                 for shape, v in (stats.get("by_shape") or {}).items()},
-            "refusals": {reason: int(n) for reason, n in (stats.get("refusals") or {}).items()}}
+            "refusals": {reason: int(n) for reason, n in (stats.get("refusals") or {}).items()},
+            "refused_scored": {f"{src}:{name}": x
+                               for src, row in (stats.get("refused_scored") or {}).items()
+                               for name, x in zip(REFUSED_SCORED_FIELDS, row)}}
 
 
 def aggregate(records: list[dict], wall: float) -> dict:
@@ -547,7 +558,7 @@ def run_phase(phase: Phase, args, out_dir: Path, results: dict) -> None:
                 pooled = [r for r in run["requests"] if r["cell"] == key]
                 this_cell = [rd[key] for rd in run["rounds"] if key in rd]
                 run["results"][key] = aggregate(pooled, sum(c["wall_s"] for c in this_cell))
-                for name in ("drafts_by_shape", "refusals"):
+                for name in ("drafts_by_shape", "refusals", "refused_scored"):
                     run["results"][key][name] = _summed(c.get(name, {}) for c in this_cell)
                 if key.startswith("longdoc@"):
                     for b in sorted({r["label"] for r in pooled}, key=lambda x: W.BUCKETS[x]):

@@ -41,6 +41,9 @@ class LongSpecConfig:
     cost_aware: bool = True  # prune drafts by the measured cost of a verify token (false: verify all)
     queue_weight: float = 0.5  # a waiting request's share of the batch draft budget (0: queue ignored)
     kv_reserve: float = 0.05  # fraction of the KV pool kept free for admissions while requests wait
+    # score refused drafts against the output that followed and calibrate the drafters with them
+    # (sgl_longspec.step.refused_drafts); false: only verified drafts calibrate
+    learn_from_refused: bool = True
     # OWL drafter (HOWL hybrid)
     drafter_path: str = ""  # OWL checkpoint folder; "" = the shipped one for the model if any, "none" = off
     howl_threshold: float = 2.0  # suffix chain when its score >= threshold, else OWL tree

@@ -25,15 +25,18 @@ def test_tau_sums_over_the_cells_requests():
 
 def test_server_counts_from_the_stats_file(tmp_path):
     f = tmp_path / "stats.json"
-    nothing = {"drafts_by_shape": {}, "refusals": {}}
+    nothing = {"drafts_by_shape": {}, "refusals": {}, "refused_scored": {}}
     assert server_counts(f) == nothing  # no file yet (a plain server, or before the first step)
     f.write_text("{not json")
     assert server_counts(f) == nothing  # caught mid-write
     f.write_text(json.dumps({"by_shape": {"chain": {"drafts": 7, "accepted": 9},
                                           "tree": {"drafts": 2}},
-                             "refusals": {"unprofitable": 5, "batch_budget": 1}}))
+                             "refusals": {"unprofitable": 5, "batch_budget": 1},
+                             "refused_scored": {"suffix": [4, 20, 6.5, 9]}}))
     assert server_counts(f) == {"drafts_by_shape": {"chain": 7, "tree": 2},
-                                "refusals": {"unprofitable": 5, "batch_budget": 1}}
+                                "refusals": {"unprofitable": 5, "batch_budget": 1},
+                                "refused_scored": {"suffix:drafts": 4, "suffix:tokens": 20,
+                                                   "suffix:expected": 6.5, "suffix:accepted": 9}}
 
 
 def test_rounds_pool_each_cell_and_give_the_ratio_per_round(monkeypatch, tmp_path):

@@ -36,12 +36,14 @@ from sgl_longspec.drafters.draft import Draft
 from sgl_longspec.drafters.owl.drafter import OwlDrafter
 from sgl_longspec.drafters.protocol import DraftRequest, Drafter, Observation
 from sgl_longspec.drafters.suffix_drafter import SuffixDrafter
-from sgl_longspec.drafters.suffix_index import SuffixIndex, SuffixIndexConfig
+from sgl_longspec.drafters.suffix_index import SuffixIndex
 from sgl_longspec.step.breaker import CircuitBreaker
+from sgl_longspec.step.built_parts import build_corpus, build_router, build_suffix_index
 from sgl_longspec.step.faults import Faults
 from sgl_longspec.step.records import (Counters, RequestView, SamplingParams, ShapeCounts,
                                        SourceCounts, StepPlan)
-from sgl_longspec.step.router import Load, Router, RouterConfig
+from sgl_longspec.step.refused_drafts import RefusedDraftChecks
+from sgl_longspec.step.router import Load, Router
 from sgl_longspec.verify.acceptance import VerifyResult, verify_greedy, verify_sampling
 from sgl_longspec.verify.logit_rules import StepRules, grammar_prune
 
@@ -49,33 +51,6 @@ logger = logging.getLogger("sgl_longspec")
 
 # --longspec-draft-shape -> the shapes drafted; with two, the router keeps one per request and step
 SHAPES_DRAFTED = {"chain": ("chain",), "tree": ("tree",), "auto": ("chain", "tree")}
-
-
-def build_suffix_index(cfg: LongSpecConfig) -> SuffixIndex:
-    """The per-request and global suffix trees the --longspec-* flags describe."""
-    return SuffixIndex(SuffixIndexConfig(
-        max_depth=cfg.max_depth, vocab_size=None, max_cached_responses=cfg.global_cache_requests,
-        max_cache_bytes=cfg.global_cache_mb << 20, live_outputs=cfg.live_outputs,
-        max_spec_tokens=cfg.max_spec_tokens,
-        spec_factor=cfg.spec_factor, spec_offset=cfg.spec_offset,
-        min_token_prob=cfg.min_token_prob, use_tree=cfg.draft_shape == "tree",
-        max_tree_nodes=cfg.max_spec_tokens))
-
-
-def build_corpus(cfg: LongSpecConfig) -> SuffixCorpus:
-    """The (empty) external corpus the --longspec-corpus-* flags bound."""
-    return SuffixCorpus(
-        cfg.corpus_mb << 20, max_depth=cfg.max_depth, max_spec_tokens=cfg.max_spec_tokens,
-        min_token_prob=cfg.min_token_prob, spec_factor=cfg.spec_factor, spec_offset=cfg.spec_offset)
-
-
-def build_router(cfg: LongSpecConfig) -> Router:
-    """The router with the --longspec-* router settings."""
-    return Router(RouterConfig(
-        min_score=cfg.min_score, howl_threshold=cfg.howl_threshold,
-        batch_draft_budget=cfg.batch_draft_budget, max_draft_tokens=cfg.max_spec_tokens,
-        backoff_steps=cfg.backoff_steps, cost_aware=cfg.cost_aware,
-        queue_weight=cfg.queue_weight, kv_reserve=cfg.kv_reserve))
 
 
 class LongSpecController:
@@ -104,6 +79,8 @@ class LongSpecController:
         self.shapes = SHAPES_DRAFTED[cfg.draft_shape]
         self.owl = OwlDrafter(owl_model, cfg.owl_top_k, cfg.owl_max_nodes) if owl_model else None
         self.router = router if router is not None else build_router(cfg)
+        # refused drafts held until the output decides what verification would have accepted
+        self.refused = RefusedDraftChecks() if cfg.learn_from_refused else None
         self.counters = Counters()
         self.faults = faults or Faults("")
         self.breakers = {name: CircuitBreaker() for name in ("suffix_drafter", "owl_drafter")}
@@ -143,6 +120,8 @@ class LongSpecController:
     # ---- lifecycle ----------------------------------------------------------------------------
     def release(self, rid: Hashable, keep_output: bool) -> None:
         self.router.forget(rid)
+        if self.refused is not None:
+            self.refused.forget(rid)
         self._plain.discard(rid)
         for drafter in self._drafters():
             try:
@@ -189,6 +168,7 @@ class LongSpecController:
         bs = len(views)
         eligible = [not v.plain_only and v.rid not in self._plain for v in views]
         self._observe(views, eligible)
+        self._settle_refused(views)
         step_budget = self.router.draft_budget(bs, load)
         if load is not None:
             self.counters.last_load = {"waiting": load.waiting, "kv_free_tokens": load.kv_free_tokens,
@@ -212,6 +192,10 @@ class LongSpecController:
         model = self._owl_drafts(views, budgets, suffix)
         picked = [self.router.pick(s, m, v.rid) for s, m, v in zip(suffix, model, views)]
         drafts = self.router.plan_batch([v.rid for v in views], picked, budget=step_budget)
+        if self.refused is not None:
+            for v, p, d in zip(views, picked, drafts):
+                if len(p) and not len(d):
+                    self.refused.hold(v.rid, p, len(v.output))
         rules = self.step_rules(views, drafts)
         self.counters.draft_ms += 1e3 * (time.perf_counter() - t0)
         return StepPlan(drafts, rules)
@@ -233,6 +217,22 @@ class LongSpecController:
             except Exception:
                 self.fallback("index", [v.rid], f"observing request {v.rid}")
                 eligible[i] = False
+
+    def _settle_refused(self, views: Sequence[RequestView]) -> None:
+        """Score the refused drafts that the requests' outputs now decide, for the router's
+        calibration and the counters (per source: drafts, expected tokens, accepted tokens)."""
+        if self.refused is None or not len(self.refused):
+            return
+        for v in views:
+            outcome = self.refused.settle(v.rid, v.output)
+            if outcome is None:
+                continue
+            self.router.observe_refused(v.rid, outcome.source, outcome.expected, outcome.accepted)
+            row = self.counters.refused_scored.setdefault(outcome.source, [0, 0, 0.0, 0])
+            row[0] += 1
+            row[1] += outcome.nodes
+            row[2] += outcome.expected
+            row[3] += outcome.accepted
 
     def step_rules(self, views, drafts: list[Draft], check_faults: bool = True) -> Optional[StepRules]:
         """Prune each draft to its request's grammar (in place in `drafts`) and collect the

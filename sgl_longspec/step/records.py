@@ -132,6 +132,9 @@ class Counters:
     last_load: dict = field(default_factory=dict)
     # per draft source ("suffix", "corpus", "owl"): what it drafted and got accepted
     by_source: dict[str, "SourceCounts"] = field(default_factory=dict)
+    # per draft source: its refused drafts scored against the output that followed (main paths:
+    # [drafts, tokens, expected accepted tokens, tokens verification would have accepted])
+    refused_scored: dict[str, list] = field(default_factory=dict)
     # per draft shape ("chain", "tree"), whichever drafter: what was verified and accepted
     by_shape: dict[str, ShapeCounts] = field(default_factory=dict)
     # per cause ("index", "suffix_drafter", "owl_drafter", "verify", "release"): failures, and

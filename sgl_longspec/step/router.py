@@ -24,7 +24,9 @@ worth verifying only when its expected accepted length pays for it. The router t
   is not backed off; its failing drafts are pruned by the request's calibration instead, so that
   the first draft worth verifying after a failure is verified. A draft refused as not worth
   verifying counts in the records as a call that brought nothing, which costs a free drafter
-  nothing and a costly one its calls (wants_source);
+  nothing and a costly one its calls (wants_source); once the request's output has decided what
+  verification would have accepted of it, it calibrates the drafter like a verified draft
+  (observe_refused), so a request whose calibration fell is not locked out of verifying;
 - a draft-token budget for the whole batch, filled best value first, which the server's load
   (requests waiting for admission, KV headroom: Load, draft_budget) shrinks down to nothing on a
   saturated server.
@@ -48,6 +50,10 @@ from sgl_longspec.step.cost_model import StepCostModel
 
 # The record of a drafter's side nodes (off a tree's main path) is f"{source}{SIDE}".
 SIDE = "/side"
+# The record of a drafter's refused drafts, scored against the output that followed
+# (sgl_longspec.step.refused_drafts), is f"{source}{REFUSED}": it calibrates the drafter's
+# path probabilities beside its verified drafts, and says nothing of what its calls bring.
+REFUSED = "/refused"
 # A drafter's record, per request and server-wide, decayed sums of: expected accepted tokens
 # (the drafter's path probabilities), accepted tokens, drafting calls (verified or refused),
 # verified draft tokens, verified drafts.
@@ -140,15 +146,20 @@ class Router:
         """(calibration, accepted tokens, verified tokens, verified drafts) per drafting call,
         believed for a new request."""
         e, h, n, l, v = self._global.get(source, _EMPTY_RECORD)
-        k0 = min((h + 1.0) / (e + 1.0), self.CALIBRATION_CAP)
+        e_refused, h_refused = self._global.get(source + REFUSED, _EMPTY_RECORD)[:2]
+        k0 = min((h + h_refused + 1.0) / (e + e_refused + 1.0), self.CALIBRATION_CAP)
         accepted = (h + self.PRIOR_ACCEPTED) / (n + 1.0)
         length = (l + self.PRIOR_ACCEPTED) / (n + 1.0)
         return k0, accepted, length, (v + 1.0) / (n + 1.0)
 
     def calibration(self, req_id: Hashable, source: str = "suffix") -> float:
         """Factor on a drafter's path probabilities for this request: accepted / expected over its
-        recent verify steps, shrunk towards the drafter's server-wide calibration."""
-        e, h, _, _, _ = self._state(req_id).calib.get(source, _EMPTY_RECORD)
+        recent verify steps and refused drafts (scored against its output), shrunk towards the
+        drafter's server-wide calibration."""
+        calib = self._state(req_id).calib
+        e, h = calib.get(source, _EMPTY_RECORD)[:2]
+        e_refused, h_refused = calib.get(source + REFUSED, _EMPTY_RECORD)[:2]
+        e, h = e + e_refused, h + h_refused
         m = self.config.calibration_prior
         k0 = self._prior(source)[0]
         return min((h + m * k0) / (e + m), self.CALIBRATION_CAP)
@@ -377,6 +388,16 @@ class Router:
             st.penalty[source] = 0
             st.skip[source] = 0
 
+    def observe_refused(self, req_id: Hashable, source: str, expected: float, accepted: int) -> None:
+        """A refused draft scored against the output that followed (RefusedOutcome): its main
+        path's expected accepted tokens (the drafter's uncalibrated path probabilities) and the
+        tokens verification would have accepted. Evidence for the calibration only: the record of
+        what the drafter's calls bring (wants_source) counted the refused call as bringing nothing,
+        which it did."""
+        if self._reqs.get(req_id) is None:
+            return  # released meanwhile
+        self._add_to_records(self._state(req_id), source + REFUSED, (expected, accepted, 1.0, 0.0, 0.0))
+
     def worth_backing_off(self, source: str, batch_size: int) -> bool:
         """Whether pausing `source` for a failing request saves time: its calls (measured, per
         request of the batch) cost BACKOFF_MIN_CALL_SHARE of a plain output token or more. Without
@@ -393,8 +414,8 @@ class Router:
         the server-wide record as a draft with nothing verified and nothing accepted: the record
         of accepted tokens per call (wants_source) falls, so a drafter whose drafts this batch
         size never lets through stops being called (e.g. OWL at 16 requests on a CPU, where the
-        break-even probability is high). The calibration of its path probabilities, which only
-        verified drafts measure, gets no new evidence; its old evidence decays as with any call."""
+        break-even probability is high). The calibration of its path probabilities learns from the
+        refused draft later, once the output has decided it (observe_refused)."""
         self._add_to_records(st, source, (0.0, 0.0, 1.0, 0.0, 0.0))
 
     def _add_to_records(self, st: _ReqState, key: str, values: Sequence[float]) -> None:
