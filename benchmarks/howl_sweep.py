@@ -185,7 +185,7 @@ class ShapePolicy:
         self.suffix_shapes, self.owl_shapes = suffix_shapes, owl_shapes
         self.router = Router(RouterConfig(howl_threshold=threshold, max_draft_tokens=MAX_SPEC))
         for tokens in (1, 2, 4, 8, 16, 1, 9, 17):  # a plain step costs 1, a verify token 0.05
-            self.router.observe_step(tokens, 1.0 + COST_PER_TOKEN * tokens, tokens > 1)
+            self.router.observe_step(1, tokens, 1.0 + COST_PER_TOKEN * tokens, tokens > 1)
         self.rid = "r"
 
     def __call__(self, r: dict) -> Draft:

@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     steps_table, ratios = step_table(final_stats.get("step_profile", {}))
     report = (f"Command: `python -m benchmarks.profile_verify_step {shlex.join(sys.argv[1:] if argv is None else argv)}`\n\n"
               f"## Per workload\n\n{table}\n## Per step size (bs = 1)\n\n{steps_table}\n"
-              f"Router cost model (a, b, c) ms: {final_stats.get('cost_model_ms')}\n\n"
+              f"Router cost model (a, r, b, c) ms: {final_stats.get('cost_model_ms')}\n\n"
               + "".join(f"- {line}\n" for line in ratios))
     print(report)
     (out / "profile.json").write_text(json.dumps({"workloads": rows, "stats": final_stats}, indent=2))

@@ -55,7 +55,7 @@ def run_step(ctl: LongSpecController, reqs: list[FakeRequest], plain_only=False,
     if not plan.verify:
         for r in reqs:
             r.output.append(target_next(r.stream, r.prompt + r.output))
-        ctl.record_step("plain", len(reqs), 100.0, 100.0)
+        ctl.record_step("plain", len(reqs), len(reqs), 100.0, 100.0)
         return plan.drafts
     seq_lens = [len(r.prompt) + len(r.output) - 1 for r in reqs]
     layout = VerifyLayout.build(plan.drafts, seq_lens, [r.output[-1] for r in reqs])
@@ -74,7 +74,7 @@ def run_step(ctl: LongSpecController, reqs: list[FakeRequest], plain_only=False,
     for r, res in zip(reqs, vr.requests()):
         r.output.extend(res.output_tokens)
         del r.output[r.max_new:]
-    ctl.record_step("verify", len(ids), 110.0, 105.0)
+    ctl.record_step("verify", len(reqs), len(ids), 110.0, 105.0)
     return plan.drafts
 
 
@@ -434,7 +434,7 @@ def rules_step(ctl, reqs):
         if r.rules is not None and r.rules.grammar is not None:
             for t in new:
                 r.rules.grammar.accept_token(t)
-    ctl.record_step("verify" if plan.needs_verify_path else "plain", len(rows), 100.0, 100.0)
+    ctl.record_step("verify" if plan.needs_verify_path else "plain", len(reqs), len(rows), 100.0, 100.0)
 
 
 def test_grammar_and_penalties_follow_plain_decoding_on_every_row():

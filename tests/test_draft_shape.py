@@ -92,8 +92,8 @@ def test_better_shape_follows_the_side_nodes_record():
 
 def test_plan_batch_prunes_side_nodes_by_their_own_calibration():
     r = Router(RouterConfig())
-    r.cost.observe(1, 100.0, verify=False)
-    r.cost.observe(9, 120.0, verify=True)
+    r.cost.observe(1, 1, 100.0, verify=False)
+    r.cost.observe(1, 9, 120.0, verify=True)
     theta = r.cost.token_threshold(1)
     assert 0.0 < theta < 0.5
     tree = Draft(np.array([1, 2, 3, 9]), np.array([-1, 0, 1, -1]),

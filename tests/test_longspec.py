@@ -262,12 +262,12 @@ def test_cost_model_recovers_step_costs():
     for _ in range(300):
         bs = rng.randint(1, 8)
         if rng.random() < 0.5:
-            m.observe(bs, 30 + 2 * bs, verify=False)
+            m.observe(bs, bs, 30 + 2 * bs, verify=False)
         else:
             n = bs + rng.randint(1, 30)
-            m.observe(n, 30 + 2 * n + 5, verify=True)
-    a, b, c = m.params
-    assert abs(a - 30) < 1.0 and abs(b - 2) < 0.1 and abs(c - 5) < 1.0, (a, b, c)
+            m.observe(bs, n, 30 + 2 * n + 5, verify=True)
+    a, r, b, c = m.params
+    assert abs(a - 30) < 1.0 and r < 0.1 and abs(b - 2) < 0.1 and abs(c - 5) < 1.0, (a, r, b, c)
     # a draft token pays off only above b * bs / (a + b * bs)
     assert abs(m.token_threshold(1) - 2 / 32) < 0.01
     assert m.speedup(1, expected_tokens=0.2, draft_tokens=8) < 1.0 < m.speedup(1, 4.0, 8)
@@ -278,8 +278,8 @@ def test_router_stops_speculating_when_it_does_not_pay():
     verifies, its drafts are pruned to nothing, while a well-calibrated request keeps speculating."""
     r = Router(RouterConfig(min_score=0.0, backoff_steps=0))
     for _ in range(20):  # a = 20 ms, b = 4 ms per token: a draft token needs p >= 4/24
-        r.observe_step(1, 24.0, verify=False)
-        r.observe_step(9, 20 + 4 * 9 + 2, verify=True)
+        r.observe_step(1, 1, 24.0, verify=False)
+        r.observe_step(1, 9, 20 + 4 * 9 + 2, verify=True)
     overconfident = Draft.chain([1, 2, 3, 4], probs=[0.9, 0.8, 0.7, 0.6], source="suffix")
     for _ in range(10):
         r.observe("chat", drafted=4, accepted=0, expected=3.0)
@@ -302,8 +302,8 @@ def test_router_stops_speculating_when_it_does_not_pay():
     # request starts skeptical, and that record fades during plain steps too.
     r2 = Router(RouterConfig(min_score=0.0, backoff_steps=0))
     for _ in range(20):
-        r2.observe_step(1, 24.0, verify=False)
-        r2.observe_step(9, 20 + 4 * 9 + 2, verify=True)
+        r2.observe_step(1, 1, 24.0, verify=False)
+        r2.observe_step(1, 9, 20 + 4 * 9 + 2, verify=True)
     for i in range(30):
         r2.observe(f"chat{i}", drafted=6, accepted=0, expected=3.0)
     assert not r2.wants_source("fresh", "suffix", 8, 15)
@@ -422,8 +422,8 @@ def test_router_stops_calling_a_drafter_whose_drafts_are_never_verified():
     evidence."""
     r = Router(RouterConfig(min_score=0.0, backoff_steps=0))
     for _ in range(20):  # a = 20 ms, b = 1 ms per token: at bs 16, p >= 16/36
-        r.observe_step(16, 36.0, verify=False)
-        r.observe_step(40, 20 + 40 + 2, verify=True)
+        r.observe_step(16, 16, 36.0, verify=False)
+        r.observe_step(16, 40, 20 + 40 + 2, verify=True)
     r.observe_draft_cost("owl", 25.0)  # one batched call: 1.6 ms per request of 16
     weak = Draft([1, 2, 3], [-1, -1, 0], probs=[0.4, 0.3, 0.2], source="owl")
     strong = Draft.chain([1, 2, 3], probs=[0.95, 0.9, 0.85], source="owl")
@@ -464,8 +464,8 @@ def test_router_backs_off_only_drafters_whose_calls_cost_time():
     while over-confident ones stop being verified; the same holds for refused drafts."""
     r = Router(RouterConfig(min_score=0.0, backoff_steps=8))
     for _ in range(20):  # a = 20 ms, b = 1 ms per token: a draft token needs p >= 1/21
-        r.observe_step(1, 21.0, verify=False)
-        r.observe_step(9, 20 + 9 + 2, verify=True)
+        r.observe_step(1, 1, 21.0, verify=False)
+        r.observe_step(1, 9, 20 + 9 + 2, verify=True)
     r.observe_draft_cost("owl", 10.0)
     assert r.worth_backing_off("owl", 1) and not r.worth_backing_off("suffix", 1)
     # A call of 0.3 ms shared by 16 requests costs 0.8% of a 2.25 ms output token: not paused.

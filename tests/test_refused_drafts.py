@@ -95,8 +95,8 @@ def test_router_calibration_learns_from_refused_drafts():
     def router():
         r = Router(RouterConfig(min_score=0.0, backoff_steps=0))
         for _ in range(20):  # a = 20 ms, b = 1 ms per token: at bs 16, p >= 16/36
-            r.observe_step(16, 36.0, verify=False)
-            r.observe_step(40, 20 + 40 + 2, verify=True)
+            r.observe_step(16, 16, 36.0, verify=False)
+            r.observe_step(16, 40, 20 + 40 + 2, verify=True)
         for rid in ("right", "wrong"):
             for _ in range(3):
                 r.observe(rid, drafted=3, accepted=0, expected=1.5)

@@ -209,7 +209,7 @@ class LongSpecWorker(sglang_compat.name("BaseSpecWorker")):
         if not plan.needs_verify_path:
             out = self._forward_plain_decode(batch, on_publish, pp_proxy_tensors)
             ms = 1e3 * (time.perf_counter() - t0)
-            self.controller.record_step("plain", len(batch.reqs), ms, ms,
+            self.controller.record_step("plain", len(batch.reqs), len(batch.reqs), ms, ms,
                                         sum(attention_ms().values()) - attn0)
             return out
         try:
@@ -224,11 +224,11 @@ class LongSpecWorker(sglang_compat.name("BaseSpecWorker")):
             t0 = time.perf_counter()
             out = self._forward_plain_decode(batch, on_publish, pp_proxy_tensors)
             ms = 1e3 * (time.perf_counter() - t0)
-            self.controller.record_step("plain", len(batch.reqs), ms, ms)
+            self.controller.record_step("plain", len(batch.reqs), len(batch.reqs), ms, ms)
             return out
         ms = 1e3 * (time.perf_counter() - t0)
         tokens = len(batch.reqs) + sum(len(d) for d in drafts)
-        self.controller.record_step("verify", tokens, ms, forward_ms,
+        self.controller.record_step("verify", len(batch.reqs), tokens, ms, forward_ms,
                                     sum(attention_ms().values()) - attn0)
         return out
 

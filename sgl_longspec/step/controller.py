@@ -384,12 +384,13 @@ class LongSpecController:
             c.batched_verify_steps += 1
         c.max_verify_batch = max(c.max_verify_batch, with_draft)
 
-    def record_step(self, kind: str, tokens: int, ms: float, forward_ms: float,
+    def record_step(self, kind: str, requests: int, tokens: int, ms: float, forward_ms: float,
                     attention_ms: float = 0.0) -> None:
-        """A finished forward step ('plain' or 'verify'): the router's cost model and counters."""
+        """A finished forward step ('plain' or 'verify') of `requests` requests and `tokens`
+        tokens: the router's cost model and counters."""
         c = self.counters
         verify = kind == "verify"
-        self.router.observe_step(tokens, ms, verify=verify)
+        self.router.observe_step(requests, tokens, ms, verify=verify)
         if verify:
             c.verify_steps += 1
             c.verify_ms += ms
@@ -421,7 +422,7 @@ class LongSpecController:
             "hidden_states": (len(self.owl.hidden) if self.owl is not None else 0)
                              + len(self._captured_hidden),
             "injected_faults": dict(self.faults.injected),
-            "cost_model_ms": self.router.cost.params,  # (a, b, c) of the router's step model
+            "cost_model_ms": self.router.cost.params,  # (a, r, b, c) of the router's step model
             "refusals": dict(self.router.refusals),
             "breaker_trips": {k: b.trips for k, b in self.breakers.items()},
             "breakers_open": sorted(k for k, b in self.breakers.items() if not b.closed),

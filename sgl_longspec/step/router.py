@@ -5,9 +5,9 @@ Why a router: a verify step of n draft tokens costs more than a plain decode ste
 few percent of a step per token; on a GPU little until the batch fills the device), so a draft is
 worth verifying only when its expected accepted length pays for it. The router therefore keeps
 
-- a cost model of the step itself (StepCostModel: time = a + b * tokens + c * is_verify, fitted
-  online from the worker's own step timings), which gives the path probability below which a draft
-  token costs more than it is expected to save;
+- a cost model of the step itself (StepCostModel: time = a + r * requests + b * tokens + c *
+  is_verify, fitted online from the worker's own step timings), which gives the path probability
+  below which a draft token costs more than it is expected to save;
 - a per-request, per-drafter record (accepted / expected, accepted per draft), shrunk towards the
   drafter's server-wide record, which calibrates the
   drafters' probabilities and decides whether drafting is worth calling at all: a request whose
@@ -164,9 +164,9 @@ class Router:
         k0 = self._prior(source)[0]
         return min((h + m * k0) / (e + m), self.CALIBRATION_CAP)
 
-    def observe_step(self, tokens: int, ms: float, verify: bool) -> None:
-        """Feed the step cost model with one forward step's size and wall time."""
-        self.cost.observe(tokens, ms, verify)
+    def observe_step(self, requests: int, tokens: int, ms: float, verify: bool) -> None:
+        """Feed the step cost model with one forward step's size (requests, tokens) and wall time."""
+        self.cost.observe(requests, tokens, ms, verify)
 
     def observe_draft_cost(self, source: str, ms: float) -> None:
         """Wall time of one batched drafting call of a model drafter (the suffix index is ~free)."""
@@ -185,7 +185,7 @@ class Router:
             return False
         if not self.config.cost_aware or self.cost.params is None:
             return True
-        a, b, c = self.cost.params
+        b, c = self.cost.draft_token_ms, self.cost.verify_overhead_ms
         token_ms = self.cost.plain_ms_per_token(batch_size)
         calib = self._state(req_id).calib
         _, hits, calls, length, verified = calib.get(source, _EMPTY_RECORD)
