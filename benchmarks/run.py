@@ -68,6 +68,8 @@ CONFIGS: dict[str, list[str]] = {
     # LONGSPEC calibrating its drafters from verified drafts only (refused drafts not scored
     # against the output): the comparison for --longspec-learn-from-refused.
     "longspec-verified-only": ["--speculative-algorithm", "LONGSPEC", "--longspec-learn-from-refused", "false"],
+    # LONGSPEC with twice the default batch draft budget (64 draft tokens per verify step).
+    "longspec-budget-128": ["--speculative-algorithm", "LONGSPEC", "--longspec-batch-draft-budget", "128"],
     # The draft's shape chosen per request and step (chain or tree), against the fixed chains above.
     "longspec-auto": ["--speculative-algorithm", "LONGSPEC", "--longspec-draft-shape", "auto"],
 }
