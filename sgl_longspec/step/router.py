@@ -60,6 +60,14 @@ REFUSED = "/refused"
 _EMPTY_RECORD = (0.0, 0.0, 0.0, 0.0, 0.0)
 
 
+def _calibration_evidence(records: dict, source: str) -> tuple[float, float]:
+    """(expected, accepted) tokens in `records` (a request's or the server-wide) for `source`:
+    its verified drafts' and its refused drafts' scored against the output."""
+    e, h = records.get(source, _EMPTY_RECORD)[:2]
+    e_refused, h_refused = records.get(source + REFUSED, _EMPTY_RECORD)[:2]
+    return e + e_refused, h + h_refused
+
+
 @dataclass
 class RouterConfig:
     min_score: float = 0.0  # minimum (calibrated) expected accepted tokens for a draft to be verified
@@ -145,9 +153,9 @@ class Router:
     def _prior(self, source: str) -> tuple[float, float, float, float]:
         """(calibration, accepted tokens, verified tokens, verified drafts) per drafting call,
         believed for a new request."""
-        e, h, n, l, v = self._global.get(source, _EMPTY_RECORD)
-        e_refused, h_refused = self._global.get(source + REFUSED, _EMPTY_RECORD)[:2]
-        k0 = min((h + h_refused + 1.0) / (e + e_refused + 1.0), self.CALIBRATION_CAP)
+        _, h, n, l, v = self._global.get(source, _EMPTY_RECORD)
+        e_all, h_all = _calibration_evidence(self._global, source)
+        k0 = min((h_all + 1.0) / (e_all + 1.0), self.CALIBRATION_CAP)
         accepted = (h + self.PRIOR_ACCEPTED) / (n + 1.0)
         length = (l + self.PRIOR_ACCEPTED) / (n + 1.0)
         return k0, accepted, length, (v + 1.0) / (n + 1.0)
@@ -156,10 +164,7 @@ class Router:
         """Factor on a drafter's path probabilities for this request: accepted / expected over its
         recent verify steps and refused drafts (scored against its output), shrunk towards the
         drafter's server-wide calibration."""
-        calib = self._state(req_id).calib
-        e, h = calib.get(source, _EMPTY_RECORD)[:2]
-        e_refused, h_refused = calib.get(source + REFUSED, _EMPTY_RECORD)[:2]
-        e, h = e + e_refused, h + h_refused
+        e, h = _calibration_evidence(self._state(req_id).calib, source)
         m = self.config.calibration_prior
         k0 = self._prior(source)[0]
         return min((h + m * k0) / (e + m), self.CALIBRATION_CAP)
